@@ -1,0 +1,5 @@
+"""Anomaly detection estimators with the scikit-learn API."""
+
+from .patchcore import PatchCore
+
+__all__ = ["PatchCore"]
