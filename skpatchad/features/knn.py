@@ -1,0 +1,156 @@
+"""The one nearest-neighbour layer: exact chunked search in torch, or pynndescent.
+
+Exact search computes squared distances as ``|q|^2 - 2 q.b + |b|^2`` block by
+block, keeping a running top-k, so memory is bounded by ``max_block_bytes``
+whatever the bank and query sizes (a 10^6 x 1536 bank with 10^5 queries needs
+the bank plus a few hundred MB). It runs on CPU or CUDA.
+"""
+
+import numpy as np
+import torch
+
+_METHODS = ("exact", "pynndescent")
+
+
+def _as_tensor(array, device):
+    if isinstance(array, torch.Tensor):
+        return array.to(device=device, dtype=torch.float32)
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
+
+
+class NearestNeighbors:
+    """k-nearest-neighbour search over a fixed bank of feature vectors.
+
+    Parameters
+    ----------
+    method : {"exact", "pynndescent"}, default="exact"
+        ``"exact"``: chunked brute force in torch (CPU or CUDA). ``"pynndescent"``:
+        approximate graph search (CPU; ~20 s of numba compilation per new process).
+    device : str or torch.device, default="cpu"
+    max_block_bytes : int, default=256 MiB
+        Size of one query-by-bank block of distances in exact search.
+    random_state : int or None
+        Seed for pynndescent.
+
+    Attributes
+    ----------
+    bank_ : ndarray of shape (n_bank, n_features), float32
+        Kept as numpy so the object pickles without device state.
+    """
+
+    def __init__(self, method="exact", device="cpu", max_block_bytes=256 * 2**20, random_state=None):
+        if method not in _METHODS:
+            raise ValueError("knn method must be one of %s, got %r" % (_METHODS, method))
+        self.method = method
+        self.device = torch.device(device)
+        self.max_block_bytes = int(max_block_bytes)
+        self.random_state = random_state
+        self._cache = None
+
+    def fit(self, bank):
+        bank = bank.detach().cpu().numpy() if isinstance(bank, torch.Tensor) else np.asarray(bank)
+        if bank.ndim != 2 or len(bank) == 0:
+            raise ValueError("the bank must be a non-empty 2-D array, got shape %s" % (bank.shape,))
+        self.bank_ = np.ascontiguousarray(bank, dtype=np.float32)
+        self._cache = None
+        if self.method == "pynndescent":
+            from pynndescent import NNDescent
+
+            seed = None if self.random_state is None else int(np.random.RandomState(self.random_state).randint(2**31 - 1))
+            self.index_ = NNDescent(self.bank_, n_neighbors=min(30, len(self.bank_) - 1) or 1,
+                                    random_state=seed, n_jobs=1, compressed=False)
+            self.index_.prepare()
+        return self
+
+    def to(self, device):
+        """Run later searches on ``device``."""
+        device = torch.device(device)
+        if device != self.device:
+            self.device = device
+            self._cache = None
+        return self
+
+    def _device_bank(self):
+        if self._cache is None:
+            bank = _as_tensor(self.bank_, self.device)
+            self._cache = (bank, (bank * bank).sum(1))
+        return self._cache
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        state["device"] = str(self.device)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.device = torch.device(self.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            self.device = torch.device("cpu")
+
+    def kneighbors(self, queries, n_neighbors=1, query_groups=None, bank_groups=None):
+        """Distances and indices of the ``n_neighbors`` nearest bank vectors.
+
+        Parameters
+        ----------
+        queries : array-like or torch.Tensor of shape (n_queries, n_features)
+        n_neighbors : int
+        query_groups, bank_groups : array-like of int, optional
+            When both are given, bank vectors of the same group as the query are
+            excluded (leave-one-image-out). Exact search only.
+
+        Returns
+        -------
+        distances : torch.Tensor (n_queries, n_neighbors), float32, ascending
+        indices : torch.Tensor (n_queries, n_neighbors), int64
+            Both on this object's device.
+        """
+        n_bank = len(self.bank_)
+        if not 1 <= n_neighbors <= n_bank:
+            raise ValueError("n_neighbors must be in [1, %d], got %d" % (n_bank, n_neighbors))
+        if query_groups is not None or self.method == "exact":
+            return self._exact(queries, n_neighbors, query_groups, bank_groups)
+        query_np = queries.detach().cpu().numpy() if isinstance(queries, torch.Tensor) else queries
+        indices, distances = self.index_.query(np.ascontiguousarray(query_np, dtype=np.float32), k=n_neighbors)
+        return (torch.from_numpy(distances.astype(np.float32)).to(self.device),
+                torch.from_numpy(indices.astype(np.int64)).to(self.device))
+
+    @torch.inference_mode()
+    def _exact(self, queries, k, query_groups, bank_groups):
+        bank, bank_sq = self._device_bank()
+        queries = _as_tensor(queries, self.device)
+        if queries.dim() != 2 or queries.shape[1] != bank.shape[1]:
+            raise ValueError("queries must have shape (n, %d), got %s" % (bank.shape[1], tuple(queries.shape)))
+        exclude = query_groups is not None
+        if exclude:
+            query_groups = torch.as_tensor(np.asarray(query_groups), device=self.device).view(-1)
+            bank_groups = torch.as_tensor(np.asarray(bank_groups), device=self.device).view(-1)
+        n_query, n_bank = len(queries), len(bank)
+        elements = max(1, self.max_block_bytes // 4)
+        bank_block = min(n_bank, max(k, elements // min(n_query, 1024) if n_query else n_bank))
+        query_block = max(1, min(n_query, elements // bank_block))
+        out_dist = torch.empty(n_query, k, device=self.device)
+        out_index = torch.empty(n_query, k, dtype=torch.long, device=self.device)
+        for q0 in range(0, n_query, query_block):
+            q = queries[q0:q0 + query_block]
+            q_sq = (q * q).sum(1, keepdim=True)
+            best_d = best_i = None
+            for b0 in range(0, n_bank, bank_block):
+                d2 = torch.addmm(bank_sq[b0:b0 + bank_block].unsqueeze(0) + q_sq,
+                                 q, bank[b0:b0 + bank_block].T, alpha=-2.0)
+                if exclude:
+                    same = query_groups[q0:q0 + query_block, None] == bank_groups[None, b0:b0 + bank_block]
+                    d2.masked_fill_(same, float("inf"))
+                kk = min(k, d2.shape[1])
+                d, i = torch.topk(d2, kk, dim=1, largest=False, sorted=False)
+                i += b0
+                if best_d is not None:
+                    d, i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
+                    if d.shape[1] > k:
+                        d, pos = torch.topk(d, k, dim=1, largest=False, sorted=False)
+                        i = torch.gather(i, 1, pos)
+                best_d, best_i = d, i
+            best_d, order = torch.sort(best_d, dim=1)
+            out_dist[q0:q0 + query_block] = best_d.clamp_min_(0).sqrt_()
+            out_index[q0:q0 + query_block] = torch.gather(best_i, 1, order)
+        return out_dist, out_index

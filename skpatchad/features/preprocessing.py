@@ -1,0 +1,81 @@
+"""Turn validated images into batched, resized torch tensors.
+
+Resizing happens here, in torch, on the device the network runs on, so large
+inputs (e.g. 900x900) are decoded once and shrunk with antialiasing in one
+batched call; the geometry (resize, optional centre crop) is described by
+:class:`ImageGeometry` so the map path can undo it exactly.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _pair(value, name):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (int(value), int(value))
+    try:
+        height, width = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError("%s must be an int or a (height, width) pair, got %r" % (name, value)) from None
+    if height < 16 or width < 16:
+        raise ValueError("%s must be at least 16 pixels, got %r" % (name, value))
+    return height, width
+
+
+class ImageGeometry:
+    """Resize every image to ``image_size``, then optionally centre-crop ``crop_size``.
+
+    Parameters
+    ----------
+    image_size : int or (int, int)
+    crop_size : int, (int, int) or None
+        The paper's protocol is 256 -> 224; ``None`` keeps the whole resized image.
+    """
+
+    def __init__(self, image_size, crop_size=None):
+        self.resize = _pair(image_size, "image_size")
+        if crop_size is None:
+            self.crop = None
+        else:
+            crop = _pair(crop_size, "crop_size")
+            if crop[0] > self.resize[0] or crop[1] > self.resize[1]:
+                raise ValueError("crop_size %r is larger than image_size %r" % (crop_size, image_size))
+            top = (self.resize[0] - crop[0]) // 2
+            left = (self.resize[1] - crop[1]) // 2
+            self.crop = (top, left, crop[0], crop[1])
+
+    @property
+    def input_size(self):
+        """(height, width) of the tensor the network sees."""
+        return self.resize if self.crop is None else self.crop[2:]
+
+    def apply(self, batch):
+        """Resize (and crop) a float batch ``(B, 3, H, W)``."""
+        if tuple(batch.shape[-2:]) != self.resize:
+            batch = F.interpolate(batch, size=self.resize, mode="bilinear", align_corners=False, antialias=True)
+        if self.crop is not None:
+            top, left, height, width = self.crop
+            batch = batch[:, :, top:top + height, left:left + width]
+        return batch
+
+
+def _to_float_tensor(arrays, device):
+    """Stack same-shaped (H, W, 3) arrays into a (B, 3, H, W) float tensor in [0, 1]."""
+    stacked = torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))
+    stacked = stacked.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    if stacked.dtype == torch.uint8:
+        return stacked.float().div_(255.0)
+    return stacked.float()
+
+
+def iter_image_batches(images, geometry, batch_size, device):
+    """Yield ``(start, tensor)`` with tensors of shape ``(B, 3, *geometry.input_size)``."""
+    batch_size = max(1, int(batch_size))
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        if len({(image.shape, image.dtype) for image in chunk}) == 1:
+            batch = geometry.apply(_to_float_tensor(chunk, device))
+        else:
+            batch = torch.cat([geometry.apply(_to_float_tensor([image], device)) for image in chunk])
+        yield start, batch.contiguous()
