@@ -182,9 +182,13 @@ class FeatureBackbone(nn.Module):
             for handle in hooks:
                 handle.remove()
         names = [name for name, _ in self.model.named_modules() if name]
+        replaced = []
         for name in names:
             if any(s == name or s.startswith(name + ".") for s in started):
                 continue
+            if any(name.startswith(r + ".") for r in replaced):
+                continue  # already inside a removed module
+            replaced.append(name)
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             if isinstance(getattr(parent, child, None), nn.Module):
