@@ -145,10 +145,13 @@ class _Conv2dSame(nn.Conv2d):
                  padding_mode_tf="same"):
         if padding_mode_tf not in ("same", "symmetric"):
             raise ValueError("padding must be 'same' or 'symmetric', got %r" % (padding_mode_tf,))
-        padding = kernel_size // 2 if padding_mode_tf == "symmetric" else 0
+        # With stride 1 and an odd kernel, TF "SAME" is exactly the symmetric
+        # k // 2, so only stride-2 layers need the dynamic (asymmetric) pad;
+        # letting the convolution pad the others avoids an extra copy.
+        self.tf_same = padding_mode_tf == "same" and stride != 1
+        padding = 0 if self.tf_same else kernel_size // 2
         super().__init__(in_channels, out_channels, kernel_size, stride=stride,
                          padding=padding, groups=groups, bias=False)
-        self.tf_same = padding_mode_tf == "same"
 
     @staticmethod
     def _same_pad(size, kernel, stride):
