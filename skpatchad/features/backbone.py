@@ -166,6 +166,7 @@ class FeatureBackbone(nn.Module):
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self._trim()
+        self.model.to(memory_format=torch.channels_last)
 
     def _trim(self):
         """Replace modules that never run before the deepest layer by Identity."""
@@ -210,8 +211,10 @@ class FeatureBackbone(nn.Module):
             )
             for name in self.layers
         ]
+        # channels-last is 3-7x faster for depthwise/1x1 convolutions on CPU (oneDNN)
+        images = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         try:
-            self.model((images - self.mean) / self.std)
+            self.model(images)
         except _StopForward:
             pass
         finally:
