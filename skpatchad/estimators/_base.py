@@ -13,26 +13,16 @@ convention, ``contamination`` -> ``offset_``, maps at each image's own size,
 pickling without device state) lives here once.
 """
 
-import copy
 import numbers
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted
 
+from ..features._device import cpu_state
 from ..features.maps import grid_to_maps, stack_if_same_size
 from ..metrics import labels_from_y
 from ..utils import check_images, image_sizes
-
-
-def _to_cpu(value):
-    if isinstance(value, torch.nn.Module):
-        on_gpu = any(t.is_cuda for t in list(value.parameters()) + list(value.buffers()))
-        return copy.deepcopy(value).cpu() if on_gpu else value  # never move the live model
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    return value
 
 
 class BaseAnomalyDetector(OutlierMixin, BaseEstimator):
@@ -148,9 +138,7 @@ class BaseAnomalyDetector(OutlierMixin, BaseEstimator):
 
     # ---------------------------------------------------------------- pickling
     def __getstate__(self):
-        state = super().__getstate__()
-        # CUDA tensors/modules are copied to CPU so the pickle loads anywhere
-        return {key: _to_cpu(value) for key, value in state.items()}
+        return cpu_state(super().__getstate__())
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

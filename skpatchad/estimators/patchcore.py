@@ -6,11 +6,11 @@ import numpy as np
 import torch
 
 from ..features._device import resolve_device, runtime_device
-from ..features.backbone import make_backbone
+from ..features.backbone import extract_feature_maps, make_backbone
 from ..features.coreset import greedy_coreset, random_projection
 from ..features.knn import NearestNeighbors
 from ..features.patchcore import LocallyAwarePatchEmbedding
-from ..features.preprocessing import ImageGeometry, iter_image_batches
+from ..features.preprocessing import ImageGeometry
 from ._base import BaseAnomalyDetector
 
 
@@ -152,16 +152,16 @@ class PatchCore(BaseAnomalyDetector):
     def _geometry(self):
         return self.geometry_
 
-    def _embed(self, images, device, log_every=0):
+    def _embed(self, images, device, log_progress=False):
         """Yield (start, embeddings (B, h, w, D)) for validated images."""
-        n_batches = (len(images) + self.batch_size - 1) // self.batch_size
-        with torch.inference_mode():
-            for number, (start, batch) in enumerate(
-                iter_image_batches(images, self.geometry_, self.batch_size, device), 1
-            ):
-                yield start, self.embedder_(self.backbone_(batch))
-                if log_every and (number % log_every == 0 or number == n_batches):
-                    self._log("features: batch %d/%d" % (number, n_batches))
+        def log(done, total):
+            if done % max(1, total // 10) == 0 or done == total:
+                self._log("features: batch %d/%d" % (done, total))
+
+        log = log if log_progress and self.verbose else None
+        for start, maps in extract_feature_maps(self.backbone_, images, self.geometry_, self.batch_size, device, log):
+            with torch.inference_mode():
+                yield start, self.embedder_(maps)
 
     # -------------------------------------------------------------------- fit
     def _fit_images(self, images):
@@ -176,7 +176,7 @@ class PatchCore(BaseAnomalyDetector):
         times = {}
 
         tic = time.perf_counter()
-        chunks = [emb for _, emb in self._embed(images, device, log_every=max(1, len(images) // self.batch_size // 10))]
+        chunks = [emb for _, emb in self._embed(images, device, log_progress=True)]
         embeddings = torch.cat(chunks)  # (N, h, w, D)
         del chunks
         n_images, grid_h, grid_w, dim = embeddings.shape

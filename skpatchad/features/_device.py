@@ -1,5 +1,6 @@
-"""Device resolution shared by all estimators."""
+"""Device resolution and device-free pickling shared by all estimators."""
 
+import copy
 import warnings
 
 import torch
@@ -32,3 +33,20 @@ def runtime_device(fitted_device):
         warnings.warn("model was fitted on %s, which is not available here; running on CPU" % device)
         return torch.device("cpu")
     return device
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.nn.Module):
+        on_gpu = any(t.is_cuda for t in list(value.parameters()) + list(value.buffers()))
+        return copy.deepcopy(value).cpu() if on_gpu else value  # never move the live model
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    return value
+
+
+def cpu_state(state):
+    """Copy of a ``__getstate__`` dict with CUDA modules/tensors moved to CPU.
+
+    A model fitted on a GPU must unpickle on a CPU-only machine.
+    """
+    return {key: _to_cpu(value) for key, value in state.items()}

@@ -234,3 +234,19 @@ def make_backbone(name="efficientnet_lite0", layers=None, weights="DEFAULT"):
     elif isinstance(layers, str):
         layers = (layers,)
     return FeatureBackbone(model, layers, mean, std)
+
+
+def extract_feature_maps(backbone, images, geometry, batch_size, device, log=None):
+    """Yield ``(start, [feature maps])`` for validated images, batch by batch.
+
+    The one loop every estimator uses to run a backbone; ``log(done, total)``
+    is called after each batch when given.
+    """
+    from .preprocessing import iter_image_batches
+
+    n_batches = (len(images) + batch_size - 1) // batch_size
+    with torch.inference_mode():
+        for number, (start, batch) in enumerate(iter_image_batches(images, geometry, batch_size, device), 1):
+            yield start, backbone(batch)
+            if log is not None:
+                log(number, n_batches)

@@ -1,0 +1,91 @@
+"""A scikit-learn transformer around :class:`~skpatchad.features.backbone.FeatureBackbone`."""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+
+from ..utils import check_images
+from ._device import cpu_state, resolve_device, runtime_device
+from .backbone import extract_feature_maps, make_backbone
+from .preprocessing import ImageGeometry
+
+
+class BackboneFeatures(TransformerMixin, BaseEstimator):
+    """Intermediate feature maps of a pretrained CNN, as a scikit-learn transformer.
+
+    ``transform`` returns one array ``(N, h, w, C)``: the requested layers,
+    deeper ones bilinearly upsampled to the grid of the first, concatenated
+    along channels. Images of any size are resized to ``image_size`` first.
+
+    Parameters
+    ----------
+    backbone : str, default="efficientnet_lite0"
+        ``"efficientnet_lite0"`` (offline ImageNet weights) or any torchvision
+        classification model name, e.g. ``"wide_resnet50_2"`` (the PatchCore
+        paper's backbone; weights are downloaded by torchvision).
+    layers : sequence of str or None, default=None
+        Submodule names; None = the stride-8 and stride-16 stages
+        (``layer2``, ``layer3`` for ResNets).
+    weights : "DEFAULT", None or path, default="DEFAULT"
+    image_size : int or (int, int), default=256
+    crop_size : int, (int, int) or None, default=None
+    batch_size : int, default=8
+    device : "auto", "cpu" or "cuda", default="auto"
+        Resolved in ``fit``: CUDA when present.
+
+    Attributes
+    ----------
+    backbone_ : FeatureBackbone
+    geometry_ : ImageGeometry
+    device_ : torch.device
+
+    Examples
+    --------
+    >>> from skpatchad.features import BackboneFeatures
+    >>> import numpy as np
+    >>> features = BackboneFeatures(image_size=64).fit_transform(np.zeros((2, 64, 64, 3), np.uint8))
+    >>> features.shape
+    (2, 8, 8, 152)
+    """
+
+    def __init__(self, backbone="efficientnet_lite0", layers=None, weights="DEFAULT", image_size=256,
+                 crop_size=None, batch_size=8, device="auto"):
+        self.backbone = backbone
+        self.layers = layers
+        self.weights = weights
+        self.image_size = image_size
+        self.crop_size = crop_size
+        self.batch_size = batch_size
+        self.device = device
+
+    def fit(self, X=None, y=None):
+        """Build the network (no learning: the backbone is frozen)."""
+        self.device_ = resolve_device(self.device)
+        self.geometry_ = ImageGeometry(self.image_size, self.crop_size)
+        self.backbone_ = make_backbone(self.backbone, self.layers, self.weights).to(self.device_)
+        return self
+
+    def transform(self, X):
+        check_is_fitted(self, "backbone_")
+        images = check_images(X, estimator_name=type(self).__name__)
+        device = runtime_device(self.device_)
+        self.backbone_.to(device)
+        chunks = []
+        for _, maps in extract_feature_maps(self.backbone_, images, self.geometry_, self.batch_size, device):
+            grid = maps[0].shape[-2:]
+            levels = [m if m.shape[-2:] == grid else
+                      F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps]
+            chunks.append(torch.cat(levels, 1).permute(0, 2, 3, 1).float().cpu().numpy())
+        return np.concatenate(chunks)
+
+    def __getstate__(self):
+        return cpu_state(super().__getstate__())
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        tags.requires_fit = False
+        return tags
