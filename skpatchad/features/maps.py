@@ -23,11 +23,11 @@ def gaussian_blur(maps, sigma):
     kernel = torch.exp(-0.5 * (coords / sigma) ** 2)
     kernel = kernel / kernel.sum()
     height, width = maps.shape[-2:]
-    # reflect padding needs pad < size; replicate beyond that (tiny maps only)
-    mode = "reflect" if radius < min(height, width) else "replicate"
-    out = F.pad(maps, (radius, radius, 0, 0), mode=mode)
+    # reflect padding needs pad < size; replicate beyond that (tiny axes only),
+    # decided per axis so a thin map is still reflected along its long side
+    out = F.pad(maps, (radius, radius, 0, 0), mode="reflect" if radius < width else "replicate")
     out = F.conv2d(out, kernel.view(1, 1, 1, -1))
-    out = F.pad(out, (0, 0, radius, radius), mode=mode)
+    out = F.pad(out, (0, 0, radius, radius), mode="reflect" if radius < height else "replicate")
     return F.conv2d(out, kernel.view(1, 1, -1, 1))
 
 

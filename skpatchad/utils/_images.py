@@ -87,7 +87,16 @@ def read_image(path, index=0):
         with Image.open(path) as pil:
             if pil.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(pil)
-                return array.astype(np.uint16) if array.dtype != np.uint8 else array
+                if array.dtype == np.uint8:
+                    return array
+                # mode "I" is 32-bit: casting out-of-range values would wrap silently
+                lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
+                if lo < 0 or hi > 65535:
+                    raise ValueError(
+                        "image %d: %r holds integer values in [%d, %d], outside the "
+                        "16-bit range [0, 65535]" % (index, path, lo, hi)
+                    )
+                return array.astype(np.uint16)
             if pil.mode not in ("L", "RGB", "RGBA"):
                 pil = pil.convert("RGBA" if "A" in pil.mode or "transparency" in pil.info else "RGB")
             return np.asarray(pil)
