@@ -144,8 +144,7 @@ def test_coverage_radius(make):
     # point n+1 is the farthest from the first n+1: its distance to them is the radius
     chosen_at = nearest[selected[1:], np.arange(len(selected) - 1)]
     np.testing.assert_allclose(chosen_at, radius[:-1], rtol=1e-5)
-    # greedy is a 2-approximation: no point is farther than twice the optimal radius;
-    # in particular the radius is positive until everything is covered
+    # distinct points: the radius stays positive while points remain uncovered
     assert radius[-1] > 0
 
 
