@@ -42,8 +42,11 @@ class BaseAnomalyDetector(OutlierMixin, BaseEstimator):
         labels = labels_from_y(y)
         if len(labels) != len(images):
             raise ValueError("X has %d images but y has %d entries" % (len(images), len(labels)))
-        normal = [image for image, label in zip(images, labels) if label == 0]
-        if not normal:
+        if isinstance(images, np.ndarray):
+            normal = images[labels == 0]
+        else:
+            normal = [image for image, label in zip(images, labels) if label == 0]
+        if len(normal) == 0:
             raise ValueError(
                 "y marks all %d training images as anomalous; %s trains on normal images "
                 "only (label 0 / empty mask)" % (len(images), type(self).__name__)
@@ -92,7 +95,10 @@ class BaseAnomalyDetector(OutlierMixin, BaseEstimator):
         images = self._check_images(X)
         sizes = image_sizes(images)
         scores = np.empty(len(images), dtype=np.float64)
-        maps = [None] * len(images) if want_maps else None
+        maps = None
+        if want_maps:
+            # one preallocated (N, H, W) array when sizes agree: no final stacking copy
+            maps = np.empty((len(images),) + sizes[0], np.float32) if len(set(sizes)) == 1 else [None] * len(images)
         for start, batch_scores, grids in self._score_images(images):
             stop = start + len(batch_scores)
             scores[start:stop] = batch_scores

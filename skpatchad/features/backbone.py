@@ -8,6 +8,7 @@ that would never run by ``nn.Identity`` so memory, pickles and time only pay
 for what is used.
 """
 
+import copy
 import os
 import warnings
 
@@ -133,6 +134,16 @@ def default_layers(name, model):
     return tuple(chosen)
 
 
+def _cpu_micro_batch(images):
+    """Images per forward call on CPU: activations of ~2 images at 256x256 stay in
+    cache, which measured 2-3x faster per image than batches of 4-16 here.
+    GPUs take the whole batch."""
+    if images.device.type != "cpu":
+        return len(images)
+    pixels = images.shape[-2] * images.shape[-1]
+    return max(1, (2 * 256 * 256) // pixels)
+
+
 class FeatureBackbone(nn.Module):
     """A frozen CNN returning the feature maps of ``layers`` for images in [0, 1].
 
@@ -166,6 +177,7 @@ class FeatureBackbone(nn.Module):
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self._trim()
+        self._fold_batch_norms()
         self.model.to(memory_format=torch.channels_last)
 
     def _trim(self):
@@ -195,8 +207,64 @@ class FeatureBackbone(nn.Module):
             if isinstance(getattr(parent, child, None), nn.Module):
                 setattr(parent, child, nn.Identity())
 
+    def _fold_batch_norms(self):
+        """Fold each inference-mode BatchNorm2d into the Conv2d that feeds it.
+
+        Saves a full memory pass per layer (about a quarter of the CPU time of
+        EfficientNet-Lite0). Pairs are found by running the network once; the
+        folded network is checked against the original and kept only if their
+        outputs agree, so unusual graphs (a conv output also used elsewhere)
+        fall back to the unfolded model.
+        """
+        produced, pairs, hooks = {}, [], []
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Conv2d):
+                # keep the output alive so its id cannot be reused by another tensor
+                hooks.append(module.register_forward_hook(
+                    lambda mod, inp, out: produced.__setitem__(id(out), (mod, out))))
+            elif isinstance(module, nn.BatchNorm2d) and module.track_running_stats:
+                hooks.append(module.register_forward_pre_hook(
+                    lambda mod, inp, name=name: pairs.append((produced.get(id(inp[0]), (None,))[0], name, mod))))
+        probe = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        try:
+            with torch.inference_mode():
+                reference = self.forward(probe)
+        finally:
+            for handle in hooks:
+                handle.remove()
+        produced.clear()
+        convs = [conv for conv, _, _ in pairs]
+        pairs = [(conv, name, bn) for conv, name, bn in pairs if conv is not None and convs.count(conv) == 1]
+        if not pairs:
+            return
+        original = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for conv, name, bn in pairs:
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                bias = bn.bias - bn.running_mean * scale
+                if conv.bias is not None:
+                    bias = bias + conv.bias * scale
+                conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                conv.bias = nn.Parameter(bias, requires_grad=False)
+                parent_name, _, child = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                setattr(parent, child, nn.Identity())
+            with torch.inference_mode():
+                folded = self.forward(probe)
+        agree = all(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max()) + 1e-6)
+                    for a, b in zip(reference, folded))
+        if not agree:
+            self.model = original
+
     def forward(self, images):
         """Return the list of feature maps for a batch ``(B, 3, H, W)`` in [0, 1]."""
+        micro = _cpu_micro_batch(images)
+        if micro >= len(images):
+            return self._forward(images)
+        parts = [self._forward(images[i:i + micro]) for i in range(0, len(images), micro)]
+        return [torch.cat(level) for level in zip(*parts)]
+
+    def _forward(self, images):
         outputs = {}
         deepest = self.layers  # stop once all requested outputs are captured
 

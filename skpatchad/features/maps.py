@@ -7,8 +7,6 @@ as in PatchCore), undoes the centre crop and resizes each map to its own
 image's original height and width.
 """
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -73,6 +71,8 @@ def grid_to_maps(grids, geometry, output_sizes, sigma=4.0):
 
 def stack_if_same_size(maps):
     """Return an (N, H, W) array when all maps share one size, else the list."""
+    if isinstance(maps, np.ndarray):
+        return maps
     if len({m.shape for m in maps}) == 1:
         return np.stack(maps)
     return maps

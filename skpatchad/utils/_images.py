@@ -121,9 +121,10 @@ def check_images(X, *, min_size=16, estimator_name="this estimator"):
 
     Returns
     -------
-    images : list of ndarray
-        One ``(H, W, 3)`` array per image, uint8 or float32. Arrays of the input
-        are returned as views when no conversion is needed.
+    images : list of ndarray, or ndarray of shape (N, H, W, 3)
+        One ``(H, W, 3)`` array per image, uint8 or float32 (views of the input
+        when no conversion is needed). An input array ``(N, H, W, 3)`` of uint8
+        or float32 that passes validation is returned as is.
     """
     if X is None:
         raise ValueError("X is None; expected images")
@@ -187,6 +188,10 @@ def check_images(X, *, min_size=16, estimator_name="this estimator"):
                 % (index, height, width, estimator_name, min_size, min_size)
             )
         images.append(image)
+    if isinstance(X, np.ndarray) and X.ndim == 4 and X.shape[3] == 3 and X.dtype in (np.uint8, np.float32):
+        # Every image is a view of X: hand back the array itself so batches are
+        # slices of it, never copies of a large stack.
+        return X
     return images
 
 
