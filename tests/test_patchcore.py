@@ -313,3 +313,21 @@ def test_pynndescent_search_matches_exact_on_small_banks(sample, small_patchcore
     np.testing.assert_array_equal(exact.memory_bank_, approx.memory_bank_)
     a, b = exact.score_samples(test.images), approx.score_samples(test.images)
     assert np.corrcoef(a, b)[0, 1] > 0.99
+
+
+def test_fit_from_file_paths_decodes_lazily_and_matches_arrays(tmp_path, sample, small_patchcore_params):
+    from PIL import Image
+
+    from skpatchad.utils import ImageList, check_images
+
+    train, test = sample
+    paths = []
+    for i, image in enumerate(train.images[:6]):
+        paths.append(tmp_path / ("train%d.png" % i))
+        Image.fromarray(image).save(paths[-1])
+    checked = check_images(paths)
+    assert isinstance(checked, ImageList) and checked.sizes == [(224, 224)] * 6
+    labels = np.zeros(6, int)
+    from_files = PatchCore(**small_patchcore_params).fit(paths, labels)
+    from_arrays = PatchCore(**small_patchcore_params).fit(train.images[:6])
+    np.testing.assert_array_equal(from_files.memory_bank_, from_arrays.memory_bank_)

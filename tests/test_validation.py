@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skpatchad.utils import check_images, image_sizes, read_image
+from skpatchad.utils import ImageList, check_images, image_sizes, read_image
 
 
 def _rgb(rng, shape=(20, 24, 3)):
@@ -20,7 +20,9 @@ def rng():
 
 
 def _check_output(images, n, dtype=None):
-    assert isinstance(images, list)
+    # image files come back as a lazily decoded ImageList; materialise it
+    assert isinstance(images, (list, ImageList, np.ndarray))
+    images = list(images)
     assert len(images) == n
     for image in images:
         assert isinstance(image, np.ndarray)
@@ -238,7 +240,7 @@ def test_32bit_integer_file_outside_16bit_range_rejected(tmp_path, rng, value):
     path = tmp_path / "int32.tif"
     Image.fromarray(values).save(path)
     with _raises(ValueError, "image 1", str(value)):
-        check_images([_rgb(rng), path])
+        list(check_images([_rgb(rng), path]))  # decoded lazily: fails on access
 
 
 # ---------------------------------------------------------------------------
@@ -392,7 +394,7 @@ def test_truncated_png_rejected(tmp_path, rng):
     path = tmp_path / "truncated.png"
     path.write_bytes(data[: len(data) // 2])
     with _raises(ValueError, "image 0", "cannot read", "truncated.png"):
-        check_images([path, good])
+        list(check_images([path, good]))  # decoded lazily: fails on access
 
 
 def test_too_small_image_rejected(rng):

@@ -16,13 +16,14 @@ pickling without device state) lives here once.
 import numbers
 
 import numpy as np
+import torch
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ..features._device import cpu_state
 from ..features.maps import grid_to_maps, stack_if_same_size
 from ..metrics import labels_from_y
-from ..utils import check_images, image_sizes
+from ..utils import check_images, image_sizes, select_images
 
 
 class BaseAnomalyDetector(OutlierMixin, BaseEstimator):
@@ -42,10 +43,7 @@ class BaseAnomalyDetector(OutlierMixin, BaseEstimator):
         labels = labels_from_y(y)
         if len(labels) != len(images):
             raise ValueError("X has %d images but y has %d entries" % (len(images), len(labels)))
-        if isinstance(images, np.ndarray):
-            normal = images[labels == 0]
-        else:
-            normal = [image for image, label in zip(images, labels) if label == 0]
+        normal = select_images(images, labels == 0)
         if len(normal) == 0:
             raise ValueError(
                 "y marks all %d training images as anomalous; %s trains on normal images "
@@ -97,8 +95,13 @@ class BaseAnomalyDetector(OutlierMixin, BaseEstimator):
         scores = np.empty(len(images), dtype=np.float64)
         maps = None
         if want_maps:
-            # one preallocated (N, H, W) array when sizes agree: no final stacking copy
-            maps = np.empty((len(images),) + sizes[0], np.float32) if len(set(sizes)) == 1 else [None] * len(images)
+            # One preallocated (N, H, W) array when sizes agree: no final stacking copy.
+            # Allocated by torch, whose allocator maps fresh memory ~10x faster than
+            # numpy's on this kind of VM (huge pages); numpy gets a view of it.
+            if len(set(sizes)) == 1:
+                maps = torch.empty((len(images),) + sizes[0], dtype=torch.float32).numpy()
+            else:
+                maps = [None] * len(images)
         for start, batch_scores, grids in self._score_images(images):
             stop = start + len(batch_scores)
             scores[start:stop] = batch_scores

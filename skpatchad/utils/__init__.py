@@ -1,5 +1,5 @@
 """Shared helpers: input validation (torch-free)."""
 
-from ._images import check_images, image_sizes, read_image
+from ._images import ImageList, check_images, image_sizes, read_image, select_images
 
-__all__ = ["check_images", "image_sizes", "read_image"]
+__all__ = ["ImageList", "check_images", "image_sizes", "read_image", "select_images"]

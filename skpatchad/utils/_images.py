@@ -8,6 +8,7 @@ No torch here: errors must be readable, never a stack trace from a tensor op.
 
 import numbers
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,61 @@ def read_image(path, index=0):
         raise ValueError("image %d: cannot read %r as an image (%s)" % (index, path, exc)) from exc
 
 
+def _image_file_size(path, index):
+    """(height, width) of an image file from its header, without decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError("image %d: file not found: %r" % (index, path))
+    try:
+        with Image.open(path) as pil:
+            width, height = pil.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError("image %d: cannot read %r as an image (%s)" % (index, path, exc)) from exc
+    return height, width
+
+
+class _ImageFile:
+    """An image file checked from its header and decoded only when used."""
+
+    __slots__ = ("path", "index", "shape")
+
+    def __init__(self, path, index, size):
+        self.path, self.index, self.shape = path, index, tuple(size) + (3,)
+
+    def load(self):
+        return _as_rgb(read_image(self.path, self.index), self.index)
+
+
+class ImageList(Sequence):
+    """Validated images, some of which may be files decoded on access.
+
+    Indexing returns an (H, W, 3) array; slicing a list of arrays. Files are
+    read batch by batch as the estimators iterate, so fitting on thousands of
+    image paths never holds all decoded images at once.
+    """
+
+    def __init__(self, items):
+        self._items = list(items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return [self[i] for i in range(*key.indices(len(self)))]
+        item = self._items[key]
+        return item.load() if isinstance(item, _ImageFile) else item
+
+    def subset(self, indices):
+        return ImageList(self._items[int(i)] for i in indices)
+
+    @property
+    def sizes(self):
+        return [tuple(item.shape[:2]) for item in self._items]
+
+
 def check_images(X, *, min_size=16, estimator_name="this estimator"):
     """Validate images and return them as a list of (H, W, 3) arrays.
 
@@ -121,10 +177,12 @@ def check_images(X, *, min_size=16, estimator_name="this estimator"):
 
     Returns
     -------
-    images : list of ndarray, or ndarray of shape (N, H, W, 3)
+    images : list of ndarray, ndarray of shape (N, H, W, 3), or ImageList
         One ``(H, W, 3)`` array per image, uint8 or float32 (views of the input
         when no conversion is needed). An input array ``(N, H, W, 3)`` of uint8
-        or float32 that passes validation is returned as is.
+        or float32 that passes validation is returned as is. When X holds file
+        paths, an :class:`ImageList` is returned: files are checked now (exist,
+        readable header, size) and decoded when the estimator reaches them.
     """
     if X is None:
         raise ValueError("X is None; expected images")
@@ -162,10 +220,19 @@ def check_images(X, *, min_size=16, estimator_name="this estimator"):
         raise ValueError("X is empty: at least one image is required")
 
     images = []
+    has_files = False
     for index, item in enumerate(items):
         if isinstance(item, (str, os.PathLike)):
-            array = read_image(Path(item), index)
-        elif isinstance(item, np.ndarray):
+            height, width = _image_file_size(Path(item), index)
+            if height < min_size or width < min_size:
+                raise ValueError(
+                    "image %d: %dx%d pixels is too small; %s needs at least %dx%d"
+                    % (index, height, width, estimator_name, min_size, min_size)
+                )
+            images.append(_ImageFile(Path(item), index, (height, width)))
+            has_files = True
+            continue
+        if isinstance(item, np.ndarray):
             array = item
         elif isinstance(item, numbers.Number) or item is None:
             raise TypeError(
@@ -192,9 +259,23 @@ def check_images(X, *, min_size=16, estimator_name="this estimator"):
         # Every image is a view of X: hand back the array itself so batches are
         # slices of it, never copies of a large stack.
         return X
+    if has_files:
+        return ImageList(images)
     return images
 
 
 def image_sizes(images):
-    """Return the list of (H, W) of validated images."""
+    """Return the list of (H, W) of validated images (files are not decoded)."""
+    if isinstance(images, ImageList):
+        return images.sizes
     return [tuple(image.shape[:2]) for image in images]
+
+
+def select_images(images, mask):
+    """The validated images where ``mask`` is true, keeping their container kind."""
+    indices = np.flatnonzero(mask)
+    if isinstance(images, np.ndarray):
+        return images[indices]
+    if isinstance(images, ImageList):
+        return images.subset(indices)
+    return [images[i] for i in indices]
