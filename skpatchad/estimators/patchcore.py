@@ -1,6 +1,7 @@
 """PatchCore (Roth et al., CVPR 2022, "Towards Total Recall in Industrial Anomaly Detection")."""
 
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -192,6 +193,7 @@ class PatchCore(BaseAnomalyDetector):
             projected = random_projection(flat, self.projection_dim, rng.randint(2**31 - 1))
             selected = greedy_coreset(projected, n_select, start=rng.randint(n_patches))
             del projected
+            self._log("coreset: done in %.1fs" % (time.perf_counter() - tic))
         else:
             selected = np.arange(n_patches)
         times["coreset"] = time.perf_counter() - tic
@@ -205,6 +207,8 @@ class PatchCore(BaseAnomalyDetector):
         if n_images > 1:
             scores = self._leave_one_out_scores(embeddings)
         else:
+            warnings.warn("PatchCore was fitted on a single image: offset_ uses its in-sample "
+                          "score, which is optimistically low; fit on more normal images")
             scores = self._image_scores(embeddings, None)[0].cpu().numpy()
         times["calibration"] = time.perf_counter() - tic
         self.fit_times_ = times
@@ -213,9 +217,11 @@ class PatchCore(BaseAnomalyDetector):
 
     def _leave_one_out_scores(self, embeddings):
         """Score each training image against the bank without its own patches."""
-        exact = NearestNeighbors("exact", device=embeddings.device).fit(self.memory_bank_)
         if len(np.unique(self.bank_image_index_)) < 2:
+            warnings.warn("the memory bank holds patches of a single image, so leave-one-image-out "
+                          "calibration is impossible; offset_ uses in-sample scores (raise coreset)")
             return self._image_scores(embeddings, None)[0].cpu().numpy()
+        exact = NearestNeighbors("exact", device=embeddings.device).fit(self.memory_bank_)
         scores = []
         for start in range(0, len(embeddings), self.batch_size):
             batch = embeddings[start:start + self.batch_size]
