@@ -32,3 +32,12 @@ def fitted_patchcore(sample, small_patchcore_params):
 @pytest.fixture()
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Many tiny torch ops: one thread is faster than several on a loaded machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -8,13 +8,7 @@ from scipy.spatial.distance import cdist, pdist
 from skpatchad.features.coreset import greedy_coreset, random_projection
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Many tiny torch ops: one thread is faster than several on a loaded machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _textbook_greedy(points, n_select, start):

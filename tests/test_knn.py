@@ -9,13 +9,7 @@ import torch
 from skpatchad.features.knn import NearestNeighbors, _block_sizes
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Many tiny torch ops: one thread is faster than several on a loaded machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _brute_force(queries, bank, k, query_groups=None, bank_groups=None):

@@ -10,13 +10,7 @@ from skpatchad.features.maps import gaussian_blur, grid_to_maps, stack_if_same_s
 from skpatchad.features.preprocessing import ImageGeometry, iter_image_batches
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Many tiny torch ops: one thread is faster than several on a loaded machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _expected_peak(index, grid_len, geometry_axis, output_len):

@@ -331,3 +331,16 @@ def test_fit_from_file_paths_decodes_lazily_and_matches_arrays(tmp_path, sample,
     from_files = PatchCore(**small_patchcore_params).fit(paths, labels)
     from_arrays = PatchCore(**small_patchcore_params).fit(train.images[:6])
     np.testing.assert_array_equal(from_files.memory_bank_, from_arrays.memory_bank_)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="simulates a CPU-only machine")
+def test_model_fitted_on_cuda_runs_on_a_cpu_only_machine(sample, fitted_patchcore):
+    _, test = sample
+    expected = fitted_patchcore.predict_map(test.images[:2])
+    moved = pickle.loads(pickle.dumps(fitted_patchcore))
+    moved.device_ = torch.device("cuda")  # as recorded by a fit on a GPU
+    moved.nn_index_.device = torch.device("cuda")
+    restored = pickle.loads(pickle.dumps(moved))
+    with pytest.warns(UserWarning, match="not available here; running on CPU"):
+        maps = restored.predict_map(test.images[:2])
+    np.testing.assert_array_equal(maps, expected)

@@ -20,13 +20,13 @@ import torch
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ..features._device import cpu_state
+from ..features._device import TorchImageEstimatorMixin
 from ..features.maps import grid_to_maps, stack_if_same_size
 from ..metrics import labels_from_y
 from ..utils import check_images, image_sizes, select_images
 
 
-class BaseAnomalyDetector(OutlierMixin, BaseEstimator):
+class BaseAnomalyDetector(TorchImageEstimatorMixin, OutlierMixin, BaseEstimator):
     """Base class: sklearn outlier-detector API over per-image anomaly scores and maps."""
 
     _min_image_size = 16
@@ -144,14 +144,3 @@ class BaseAnomalyDetector(OutlierMixin, BaseEstimator):
         """``(score_samples(X), predict_map(X))`` with a single pass over the images."""
         scores, maps = self._scores_and_maps(X, want_maps=True)
         return -scores, stack_if_same_size(maps)
-
-    # ---------------------------------------------------------------- pickling
-    def __getstate__(self):
-        return cpu_state(super().__getstate__())
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.three_d_array = True
-        tags.non_deterministic = False
-        return tags

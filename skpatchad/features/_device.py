@@ -50,3 +50,20 @@ def cpu_state(state):
     A model fitted on a GPU must unpickle on a CPU-only machine.
     """
     return {key: _to_cpu(value) for key, value in state.items()}
+
+
+class TorchImageEstimatorMixin:
+    """Shared by our torch-backed sklearn estimators and transformers.
+
+    Pickles without CUDA state and declares image input (N, H, W[, C]) to
+    scikit-learn's tag system.
+    """
+
+    def __getstate__(self):
+        return cpu_state(super().__getstate__())
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        return tags

@@ -7,12 +7,12 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ..utils import check_images
-from ._device import cpu_state, resolve_device, runtime_device
+from ._device import TorchImageEstimatorMixin, resolve_device, runtime_device
 from .backbone import extract_feature_maps, make_backbone
 from .preprocessing import ImageGeometry
 
 
-class BackboneFeatures(TransformerMixin, BaseEstimator):
+class BackboneFeatures(TorchImageEstimatorMixin, TransformerMixin, BaseEstimator):
     """Intermediate feature maps of a pretrained CNN, as a scikit-learn transformer.
 
     ``transform`` returns one array ``(N, h, w, C)``: the requested layers,
@@ -80,12 +80,7 @@ class BackboneFeatures(TransformerMixin, BaseEstimator):
             chunks.append(torch.cat(levels, 1).permute(0, 2, 3, 1).float().cpu().numpy())
         return np.concatenate(chunks)
 
-    def __getstate__(self):
-        return cpu_state(super().__getstate__())
-
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.three_d_array = True
         tags.requires_fit = False
         return tags
