@@ -6,6 +6,8 @@ batched call; the geometry (resize, optional centre crop) is described by
 :class:`ImageGeometry` so the map path can undo it exactly.
 """
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -60,6 +62,20 @@ class ImageGeometry:
         return batch
 
 
+def _from_numpy(array):
+    """Zero-copy tensor view of an array, read-only ones included.
+
+    torch warns about read-only arrays (decoded files, user data) because it
+    could write through the view; we only ever read it before converting.
+    """
+    array = np.ascontiguousarray(array)
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
 def _resized_float_batch(arrays, geometry, device):
     """Same-shaped (H, W, 3) images -> resized (B, 3, h, w) float tensor in [0, 1].
 
@@ -68,9 +84,9 @@ def _resized_float_batch(arrays, geometry, device):
     float first, and the rounding it adds (< 0.5/255) is far below sensor noise.
     """
     if isinstance(arrays, np.ndarray):
-        batch = torch.from_numpy(np.ascontiguousarray(arrays))
+        batch = _from_numpy(arrays)
     else:  # torch.stack: its allocator maps fresh memory much faster than numpy's here
-        batch = torch.stack([torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])
+        batch = torch.stack([_from_numpy(a) for a in arrays])
     batch = batch.to(device, non_blocking=True)
     batch = batch.permute(0, 3, 1, 2)  # a channels-last view: no copy
     if batch.dtype == torch.uint8:

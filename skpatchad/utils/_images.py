@@ -190,6 +190,8 @@ def check_images(X, *, min_size=16, estimator_name="this estimator"):
         raise TypeError(
             "X must be a collection of images, got a single path %r; wrap it in a list" % (X,)
         )
+    if hasattr(X, "tocsr") or type(X).__module__.startswith("scipy.sparse"):
+        raise TypeError("X is a sparse matrix; images must be dense arrays, a list of arrays or file paths")
     if isinstance(X, np.ndarray):
         if X.dtype == object:
             items = list(X)
