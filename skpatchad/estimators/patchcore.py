@@ -46,8 +46,10 @@ class PatchCore(BaseAnomalyDetector):
         Neighbourhood p of the locally aware patch aggregation.
     embedding_dim : int, default=1024
         Embedding dimension D; smaller levels are kept whole.
-    coreset : float in (0, 1], default=0.1
+    coreset : float in (0, 1], default=0.01
         Fraction of training patches kept in the memory bank (1.0 keeps all).
+        The paper reports the same MVTec AD accuracy for 1% and 10% (Table 1);
+        1% is 5x cheaper to search, which dominates CPU inference time.
     projection_dim : int or None, default=128
         Johnson-Lindenstrauss projection dimension used by the coreset search
         (the bank stores the full embeddings).
@@ -104,7 +106,7 @@ class PatchCore(BaseAnomalyDetector):
         crop_size=None,
         patch_size=3,
         embedding_dim=1024,
-        coreset=0.1,
+        coreset=0.01,
         projection_dim=128,
         n_neighbors=9,
         sigma=4.0,
