@@ -6,7 +6,7 @@ Estimators are imported lazily so that ``skpatchad.metrics`` and
 
 __version__ = "0.1.0"
 
-_ESTIMATORS = ("PatchCore",)
+_ESTIMATORS = ("PatchCore", "PatchSVDD")
 
 __all__ = list(_ESTIMATORS) + ["__version__"]
 

@@ -1,0 +1,117 @@
+"""Hierarchical patch encoders (Patch SVDD, Yi & Yoon 2020; also PEDENet's PE network).
+
+A *small* encoder maps a ``K/2 x K/2`` patch to one D-vector using convolutions
+only (valid padding), so applied to a whole image it yields the features of
+every sub-patch at once (a dense map with the encoder's stride). The *big*
+encoder splits its ``K x K`` patch into a 2x2 grid of sub-patches, encodes each
+with the small encoder and aggregates the four features with a 2x2 convolution
+followed by a 1x1 convolution: f_big = g_big(f_small). On a dense map of small
+features, the same 2x2 convolution with dilation ``(K/2) / stride`` gives the
+features of every K x K patch -- exactly the patch-wise result, far faster.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _conv_stack(channels, kernel_sizes, strides, negative_slope=0.1):
+    layers = []
+    for i, (k, s) in enumerate(zip(kernel_sizes, strides)):
+        layers.append(nn.Conv2d(channels[i], channels[i + 1], k, stride=s))
+        if i < len(kernel_sizes) - 1:
+            layers.append(nn.LeakyReLU(negative_slope))
+    return nn.Sequential(*layers)
+
+
+class SmallPatchEncoder(nn.Module):
+    """Conv-only encoder of a ``patch_size x patch_size`` patch to a D-vector (tanh output).
+
+    Parameters
+    ----------
+    embedding_dim : int
+        D.
+    patch_size : {16, 32}
+        Side of the patch it encodes (PatchSVDD: 32).
+    width : int
+        Base number of filters.
+    """
+
+    def __init__(self, embedding_dim=64, patch_size=32, width=64):
+        super().__init__()
+        if patch_size == 32:
+            # 32 -s2-> 15 -> 13 -> 11 -> 9 -> 7 -> 5 -k5-> 1
+            channels = [3, width, width, 2 * width, 2 * width, 2 * width, width, embedding_dim]
+            kernels, strides = [3, 3, 3, 3, 3, 3, 5], [2, 1, 1, 1, 1, 1, 1]
+        elif patch_size == 16:
+            # 16 -s2-> 7 -> 5 -> 3 -k3-> 1
+            channels = [3, width, 2 * width, 2 * width, embedding_dim]
+            kernels, strides = [3, 3, 3, 3], [2, 1, 1, 1]
+        else:
+            raise ValueError("patch_size must be 16 or 32, got %r" % (patch_size,))
+        self.patch_size = patch_size
+        self.stride = 2
+        self.net = _conv_stack(channels, kernels, strides)
+
+    def forward(self, x):
+        """(B, 3, H, W) -> (B, D, (H - K)/2 + 1, (W - K)/2 + 1), tanh-bounded."""
+        return torch.tanh(self.net(x))
+
+
+class HierarchicalPatchEncoder(nn.Module):
+    """f_big = g_big(f_small): a ``2K'`` patch encoded from its 2x2 sub-patch features.
+
+    Parameters
+    ----------
+    small : SmallPatchEncoder
+        Encoder of the sub-patches (shared, trained jointly).
+    embedding_dim : int
+    hidden : int
+        Channels of the aggregation layer.
+    """
+
+    def __init__(self, small, embedding_dim=64, hidden=128):
+        super().__init__()
+        self.small = small
+        self.patch_size = 2 * small.patch_size
+        self.aggregate = nn.Conv2d(embedding_dim, hidden, 2)
+        self.project = nn.Conv2d(hidden, embedding_dim, 1)
+
+    def from_small_map(self, small_map):
+        """Big-patch features from a dense small-feature map (stride of the small encoder)."""
+        dilation = self.small.patch_size // self.small.stride
+        hidden = F.leaky_relu(F.conv2d(small_map, self.aggregate.weight, self.aggregate.bias,
+                                       dilation=dilation), 0.1)
+        return torch.tanh(self.project(hidden))
+
+    def forward(self, patches):
+        """(B, 3, K, K) patches -> (B, D) features."""
+        half = self.small.patch_size
+        batch = patches.shape[0]
+        quads = torch.cat([patches[:, :, :half, :half], patches[:, :, :half, half:],
+                           patches[:, :, half:, :half], patches[:, :, half:, half:]])
+        feats = self.small(quads).view(4, batch, -1)  # one vector per sub-patch
+        grid = torch.stack([torch.stack([feats[0], feats[1]], -1),
+                            torch.stack([feats[2], feats[3]], -1)], -2)  # (B, D, 2, 2)
+        hidden = F.leaky_relu(self.aggregate(grid), 0.1)
+        return torch.tanh(self.project(hidden)).flatten(1)
+
+    def dense(self, images):
+        """Dense features of every big patch (stride = small stride) and every small patch."""
+        small_map = self.small(images)
+        return self.from_small_map(small_map), small_map
+
+
+class PositionClassifier(nn.Module):
+    """MLP on the difference of two patch features -> which of the 8 neighbours (logits)."""
+
+    def __init__(self, embedding_dim=64, hidden=128, n_classes=8):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(embedding_dim, hidden), nn.LeakyReLU(0.1),
+            nn.Linear(hidden, hidden), nn.LeakyReLU(0.1),
+            nn.Linear(hidden, n_classes),
+        )
+
+    def forward(self, first, second):
+        return self.net(first - second)

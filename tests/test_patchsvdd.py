@@ -1,0 +1,140 @@
+"""PatchSVDD: encoder hierarchy, training, scoring, sklearn behaviour."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV
+
+from skpatchad import PatchSVDD
+from skpatchad.estimators.patchsvdd import covering_mean
+from skpatchad.features.patch_encoders import HierarchicalPatchEncoder, PositionClassifier, SmallPatchEncoder
+from skpatchad.metrics import image_auroc, pixel_auroc_scorer
+from skpatchad.model_selection import AnomalyStratifiedKFold
+
+# 128-pixel images and K=32 keep every fit to a few seconds
+FAST = dict(image_size=128, patch_size=32, epochs=2, patches_per_image=2, batch_size=16, n_calibration=4,
+            stride_big=16, stride_small=8, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def fitted(sample):
+    train, _ = sample
+    return PatchSVDD(**FAST).fit(train.images[:12])
+
+
+def test_small_encoder_reduces_a_patch_to_one_vector():
+    encoder = SmallPatchEncoder(embedding_dim=16, patch_size=32, width=8)
+    out = encoder(torch.rand(3, 3, 32, 32))
+    assert out.shape == (3, 16, 1, 1)
+    assert out.abs().max() <= 1.0  # tanh output
+    layers = [m for m in encoder.modules() if isinstance(m, torch.nn.Module) and not list(m.children())]
+    assert all(isinstance(m, (torch.nn.Conv2d, torch.nn.LeakyReLU)) for m in layers)  # conv only
+    assert all(m.negative_slope == 0.1 for m in layers if isinstance(m, torch.nn.LeakyReLU))
+
+
+def test_dense_features_equal_patchwise_features():
+    torch.manual_seed(0)
+    encoder = HierarchicalPatchEncoder(SmallPatchEncoder(16, 32, 8), 16)
+    image = torch.rand(1, 3, 100, 100)
+    big_map, small_map = encoder.dense(image)
+    for y, x in [(0, 0), (5, 11), (18, 18)]:
+        patch = image[:, :, 2 * y:2 * y + 64, 2 * x:2 * x + 64]
+        torch.testing.assert_close(encoder(patch)[0], big_map[0, :, y, x], rtol=1e-4, atol=1e-5)
+        sub = image[:, :, 2 * y:2 * y + 32, 2 * x:2 * x + 32]
+        torch.testing.assert_close(encoder.small(sub)[0, :, 0, 0], small_map[0, :, y, x], rtol=1e-4, atol=1e-5)
+
+
+def test_position_classifier_uses_the_feature_difference():
+    classifier = PositionClassifier(embedding_dim=8)
+    a, b = torch.rand(4, 8), torch.rand(4, 8)
+    torch.testing.assert_close(classifier(a, b), classifier(a + 1.0, b + 1.0))
+    assert classifier(a, b).shape == (4, 8)
+    hidden = [m for m in classifier.modules() if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in hidden] == [128, 128, 8]
+
+
+def test_covering_mean_by_hand():
+    scores = torch.tensor([[[1.0, 3.0]]])  # two 4-pixel patches, stride 2, on a 1x6 strip... in 2-D
+    scores = torch.tensor([[[1.0, 3.0], [5.0, 7.0]]])
+    out = covering_mean(scores, patch_size=4, stride=2, out_size=(6, 6))[0]
+    # pixel (0,0): only patch (0,0); pixel (2,2): all four patches; pixel (0,3): patches (0,0),(0,1)
+    assert out[0, 0] == 1.0 and out[5, 5] == 7.0
+    assert out[2, 2] == pytest.approx(4.0)
+    assert out[0, 3] == pytest.approx(2.0)
+
+
+def test_training_reduces_the_position_loss(sample):
+    train, _ = sample
+    model = PatchSVDD(**{**FAST, "epochs": 12, "patches_per_image": 4, "learning_rate": 1e-3}).fit(train.images[:8])
+    curve = model.training_curve_
+    assert len(curve) == 12 and curve[-1]["seconds"] > 0
+    assert np.mean([c["ssl"] for c in curve[-3:]]) < np.mean([c["ssl"] for c in curve[:3]])
+    assert all(np.isfinite([c["svdd"], c["ssl"]]).all() for c in curve)
+
+
+def test_scores_maps_and_sign(sample, fitted):
+    _, test = sample
+    scores, maps = fitted.score_samples_and_maps(test.images)
+    assert maps.shape == test.masks.shape and np.isfinite(maps).all()
+    np.testing.assert_allclose(fitted.decision_function(test.images), scores - fitted.offset_)
+    # image score = max of the (128 -> 224 resized) map up to interpolation
+    assert np.all(-scores >= maps.reshape(len(maps), -1).max(1) * 0.95)
+    assert image_auroc(test.labels, -scores) > 0.6
+
+
+@pytest.mark.parametrize("encoder", ["random", "raw"])
+def test_baselines(sample, encoder):
+    train, test = sample
+    model = PatchSVDD(**{**FAST, "encoder": encoder}).fit(train.images[:6])
+    assert model.training_curve_ == []
+    assert (model.encoder_ is None) == (encoder == "raw")
+    if encoder == "raw":  # f(p) = p: bank rows are flattened pixels
+        assert model.nn_indexes_[1].bank_.shape[1] == 3 * 16 * 16
+    assert model.predict_map(test.images[:2]).shape == (2, 224, 224)
+
+
+def test_same_random_state_identical_model(sample):
+    train, test = sample
+    a = PatchSVDD(**FAST).fit(train.images[:6])
+    b = PatchSVDD(**FAST).fit(train.images[:6])
+    for pa, pb in zip(a.encoder_.parameters(), b.encoder_.parameters()):
+        assert torch.equal(pa, pb)
+    np.testing.assert_array_equal(a.predict_map(test.images[:2]), b.predict_map(test.images[:2]))
+
+
+def test_pickle_roundtrip(sample, fitted):
+    _, test = sample
+    restored = pickle.loads(pickle.dumps(fitted))
+    np.testing.assert_array_equal(restored.predict_map(test.images[:3]), fitted.predict_map(test.images[:3]))
+
+
+def test_grid_search_over_lambda_and_dimension(sample):
+    train, test = sample
+    X = list(train.images[:4]) + list(test.images)
+    masks = [np.zeros((224, 224), np.uint8)] * 4 + list(test.masks)
+    search = GridSearchCV(
+        PatchSVDD(**{**FAST, "epochs": 1}),
+        {"lambda_svdd": [1e-3, 1.0], "embedding_dim": [16, 32]},
+        scoring=pixel_auroc_scorer, cv=AnomalyStratifiedKFold(2, random_state=0), error_score="raise",
+    ).fit(X, masks)
+    assert np.isfinite(search.cv_results_["mean_test_score"]).all()
+    assert search.best_estimator_.n_train_images_ == 4 + int((test.labels == 0).sum())
+    assert clone(search.best_estimator_).get_params()["lambda_svdd"] in (1e-3, 1.0)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"encoder": "vgg"}, "encoder"), ({"patch_size": 48}, "patch_size"), ({"lambda_svdd": -1}, "lambda_svdd"),
+    ({"stride_small": 3}, "even"), ({"embedding_dim": 0}, "embedding_dim"),
+])
+def test_invalid_parameters(sample, params, message):
+    with pytest.raises(ValueError, match=message):
+        PatchSVDD(**{**FAST, **params}).fit(sample[0].images[:2])
+
+
+def test_verbose_prints_each_epoch(sample, capsys):
+    PatchSVDD(**{**FAST, "verbose": 1}).fit(sample[0].images[:4])
+    out = capsys.readouterr().out
+    assert "epoch 1/2" in out and "epoch 2/2" in out
