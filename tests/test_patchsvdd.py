@@ -9,7 +9,7 @@ from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 
 from skpatchad import PatchSVDD
-from skpatchad.estimators.patchsvdd import covering_mean
+from skpatchad.features.maps import covering_mean
 from skpatchad.features.patch_encoders import HierarchicalPatchEncoder, PositionClassifier, SmallPatchEncoder
 from skpatchad.metrics import image_auroc, pixel_auroc_scorer
 from skpatchad.model_selection import AnomalyStratifiedKFold

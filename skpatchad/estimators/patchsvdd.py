@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..features._device import resolve_device, runtime_device
 from ..features.knn import NearestNeighbors
+from ..features.maps import covering_mean
 from ..features.patch_encoders import HierarchicalPatchEncoder, PositionClassifier, SmallPatchEncoder
 from ..features.preprocessing import ImageGeometry, iter_image_batches
 from ._base import BaseAnomalyDetector
@@ -17,22 +18,6 @@ from ._base import BaseAnomalyDetector
 _ENCODERS = ("trained", "random", "raw")
 # neighbour index -> (dy, dx) in the 3x3 grid around the centre patch
 _NEIGHBOURS = torch.tensor([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
-
-
-def covering_mean(scores, patch_size, stride, out_size):
-    """Per-pixel mean of the scores of every patch covering the pixel.
-
-    ``scores`` (B, n_h, n_w) are patch scores on a grid with the given stride;
-    patches are ``patch_size`` wide. Pixels covered by no patch get 0.
-    """
-    kernel = torch.ones(1, 1, patch_size, patch_size, device=scores.device, dtype=scores.dtype)
-    total = F.conv_transpose2d(scores.unsqueeze(1), kernel, stride=stride)
-    count = F.conv_transpose2d(torch.ones_like(scores[:1]).unsqueeze(1), kernel, stride=stride)
-    total = total[..., : out_size[0], : out_size[1]]
-    count = count[..., : out_size[0], : out_size[1]]
-    pad = (0, out_size[1] - total.shape[-1], 0, out_size[0] - total.shape[-2])
-    total, count = F.pad(total, pad), F.pad(count, pad)
-    return (total / count.clamp_min(1.0))[:, 0]
 
 
 class PatchSVDD(BaseAnomalyDetector):

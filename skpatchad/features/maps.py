@@ -76,3 +76,19 @@ def stack_if_same_size(maps):
     if len({m.shape for m in maps}) == 1:
         return np.stack(maps)
     return maps
+
+
+def covering_mean(scores, patch_size, stride, out_size):
+    """Per-pixel mean of the scores of every patch covering the pixel.
+
+    ``scores`` (B, n_h, n_w) are patch scores on a grid with the given stride;
+    patches are ``patch_size`` wide. Pixels covered by no patch get 0.
+    """
+    kernel = torch.ones(1, 1, patch_size, patch_size, device=scores.device, dtype=scores.dtype)
+    total = F.conv_transpose2d(scores.unsqueeze(1), kernel, stride=stride)
+    count = F.conv_transpose2d(torch.ones_like(scores[:1]).unsqueeze(1), kernel, stride=stride)
+    total = total[..., : out_size[0], : out_size[1]]
+    count = count[..., : out_size[0], : out_size[1]]
+    pad = (0, out_size[1] - total.shape[-1], 0, out_size[0] - total.shape[-2])
+    total, count = F.pad(total, pad), F.pad(count, pad)
+    return (total / count.clamp_min(1.0))[:, 0]
