@@ -2,5 +2,6 @@
 
 from .patchcore import PatchCore
 from .patchsvdd import PatchSVDD
+from .pedenet import PEDENet
 
-__all__ = ["PatchCore", "PatchSVDD"]
+__all__ = ["PatchCore", "PatchSVDD", "PEDENet"]

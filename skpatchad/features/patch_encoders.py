@@ -115,3 +115,48 @@ class PositionClassifier(nn.Module):
 
     def forward(self, first, second):
         return self.net(first - second)
+
+
+class PEDENetSmallEncoder(nn.Module):
+    """PEDENet's sub-patch encoder: 3x3 convolutions only, LeakyReLU(0.1), tanh output.
+
+    Zhang, Wang & Kuo (PEDENet) specify convolutional layers of ``filters``
+    (32, 64, 128, 128, 64, 64, 32, 32) followed by an output layer of
+    ``embedding_dim`` (64) filters, one kernel size (3) throughout. With valid
+    padding and a stride-2 first layer (so a dense application has stride 2,
+    as :class:`SmallPatchEncoder`), n layers reduce a ``4 n`` pixel patch to
+    exactly 1x1: ``4n -s2-> 2n - 1 -> ... -> 3 -> 1`` (9 layers: 36 -> 17 -> 15
+    -> ... -> 3 -> 1). The receptive field is ``4n - 1`` pixels: the stride-2
+    layer never reads the last row/column of the patch, which is what makes the
+    patch size even, so that the 2x2 grid of sub-patches of
+    :class:`HierarchicalPatchEncoder` sits on the stride-2 dense map.
+
+    Parameters
+    ----------
+    embedding_dim : int, default=64
+        D, filters of the output layer.
+    filters : sequence of int, default=(32, 64, 128, 128, 64, 64, 32, 32)
+        Filters of the hidden convolutional layers.
+
+    Attributes
+    ----------
+    patch_size : int
+        ``4 * (len(filters) + 1)`` (36 by default).
+    stride : int
+        2, the stride of the dense feature map.
+    """
+
+    def __init__(self, embedding_dim=64, filters=(32, 64, 128, 128, 64, 64, 32, 32)):
+        super().__init__()
+        filters = [int(f) for f in filters]
+        if not filters or min(filters) < 1:
+            raise ValueError("filters must be a non-empty list of positive integers, got %r" % (filters,))
+        n_layers = len(filters) + 1
+        self.filters = tuple(filters)
+        self.patch_size = 4 * n_layers
+        self.stride = 2
+        self.net = _conv_stack([3] + filters + [embedding_dim], [3] * n_layers, [2] + [1] * (n_layers - 1))
+
+    def forward(self, x):
+        """(B, 3, H, W) -> (B, D, (H - K)/2 + 1, (W - K)/2 + 1), tanh-bounded."""
+        return torch.tanh(self.net(x))
