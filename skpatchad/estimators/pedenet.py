@@ -40,6 +40,11 @@ _NEIGHBOURS = torch.tensor([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1)
 # tanh-bounded to [-1, 1], so an absolute jitter is on a known scale: 1e-4 keeps
 # a collapsed component (duplicate points, Sigma = 0) factorisable in float32
 # and float64 alike while being far below the variances of a useful embedding.
+# It is not only a safeguard: a training batch (paper: 128 patches shared by K
+# components) holds fewer points per component than D = 64 dimensions, so the
+# batch covariances are rank-deficient and the jitter bounds their log-det
+# (the batch energy sits near -0.5 * D * log(jitter) early in training). The
+# mixture fitted on all training embeddings after training is full rank.
 GMM_JITTER = 1e-4
 
 
