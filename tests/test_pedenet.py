@@ -22,8 +22,18 @@ FAST = dict(image_size=128, patch_size=36, stride=4, epochs=1, patches_per_image
             n_calibration=4, random_state=0)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small convolutions and many tiny GMM ops: one thread is faster, and on a
+    loaded 2-core machine two threads contend (the file then takes 5x longer)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
-def fitted(sample):
+def fitted(sample, _one_thread):
     train, _ = sample
     return PEDENet(**FAST).fit(train.images[:12])
 
@@ -135,7 +145,7 @@ def test_empty_component_is_ignored():
 
 
 # --------------------------------------------------------------------- training
-def test_training_loss_stays_finite_for_hundreds_of_steps(sample, one_torch_thread):
+def test_training_loss_stays_finite_for_hundreds_of_steps(sample):
     train, _ = sample
     # 4-patch batches in 64-D: every batch covariance is singular, lr 10x the
     # paper's; 240 steps (1 per epoch) must all stay finite
