@@ -20,8 +20,9 @@ import torch
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ..features._device import TorchImageEstimatorMixin
+from ..features._device import TorchImageEstimatorMixin, runtime_device
 from ..features.maps import grid_to_maps, stack_if_same_size
+from ..features.preprocessing import iter_image_batches
 from ..metrics import labels_from_y
 from ..utils import check_images, image_sizes, select_images
 
@@ -30,6 +31,13 @@ class BaseAnomalyDetector(TorchImageEstimatorMixin, OutlierMixin, BaseEstimator)
     """Base class: sklearn outlier-detector API over per-image anomaly scores and maps."""
 
     _min_image_size = 16
+
+    def _log(self, message):
+        if self.verbose:
+            print("[%s] %s" % (type(self).__name__, message), flush=True)
+
+    def _geometry(self):
+        return self.geometry_
 
     # ------------------------------------------------------------------ inputs
     def _check_images(self, X):
@@ -144,3 +152,50 @@ class BaseAnomalyDetector(TorchImageEstimatorMixin, OutlierMixin, BaseEstimator)
         """``(score_samples(X), predict_map(X))`` with a single pass over the images."""
         scores, maps = self._scores_and_maps(X, want_maps=True)
         return -scores, stack_if_same_size(maps)
+
+
+class PatchEmbeddingDetector(BaseAnomalyDetector):
+    """Shared by detectors that learn their own patch encoder (PatchSVDD, PEDENet).
+
+    Subclasses set ``geometry_``/``device_`` in ``_fit_images`` and implement
+    ``_models()`` (the torch modules and kNN indexes to move to the run device)
+    and ``_score_batch(batch)`` -> ``(image_scores, maps)`` for a normalised
+    batch; maps are per-pixel means over covering patches, so no smoothing.
+    """
+
+    def _map_sigma(self):
+        return 0.0
+
+    def _load(self, images, device):
+        """All images as one normalised (N, 3, S, S) tensor in [-1, 1]."""
+        batches = [batch for _, batch in iter_image_batches(images, self.geometry_, 16, device)]
+        return torch.cat(batches).sub_(0.5).div_(0.5).contiguous()
+
+    def _calibration_images(self, n_images, seed):
+        """Sorted indices of the training images scored leave-one-image-out for ``offset_``."""
+        n_cal = min(int(self.n_calibration), n_images)
+        return np.sort(np.random.RandomState(seed).choice(n_images, n_cal, replace=False))
+
+    @staticmethod
+    def _nearest_distances(index, features, image_ids=None):
+        """(B, h, w) distance of each patch feature (B, h, w, D) to its nearest bank feature.
+
+        With ``image_ids`` (the training index of each image in the batch), the
+        bank features of that same image are excluded: leave-one-image-out.
+        """
+        batch, n_h, n_w, dim = features.shape
+        groups = bank_groups = None
+        if image_ids is not None:
+            groups = np.repeat(np.asarray(image_ids), n_h * n_w)
+            bank_groups = np.repeat(np.arange(len(index.bank_) // (n_h * n_w)), n_h * n_w)
+        distances, _ = index.kneighbors(features.reshape(-1, dim), 1, groups, bank_groups)
+        return distances[:, 0].reshape(batch, n_h, n_w)
+
+    def _score_images(self, images):
+        device = runtime_device(self.device_)
+        for model in self._models():
+            if model is not None:
+                model.to(device)
+        for start, batch in iter_image_batches(images, self.geometry_, 8, device):
+            scores, maps = self._score_batch(batch.sub(0.5).div(0.5))
+            yield start, scores.cpu().numpy(), maps

@@ -136,10 +136,6 @@ class PatchCore(BaseAnomalyDetector):
         self.verbose = verbose
 
     # ---------------------------------------------------------------- helpers
-    def _log(self, message):
-        if self.verbose:
-            print("[PatchCore] " + message, flush=True)
-
     def _check_params(self):
         if not (isinstance(self.coreset, (float, int)) and 0.0 < self.coreset <= 1.0):
             raise ValueError("coreset must be a fraction in (0, 1], got %r" % (self.coreset,))
@@ -151,9 +147,6 @@ class PatchCore(BaseAnomalyDetector):
             raise ValueError("n_neighbors must be a positive integer, got %r" % (self.n_neighbors,))
         if self.sigma is not None and self.sigma < 0:
             raise ValueError("sigma must be >= 0, got %r" % (self.sigma,))
-
-    def _geometry(self):
-        return self.geometry_
 
     def _embed(self, images, device, log_progress=False):
         """Yield (start, embeddings (B, h, w, D)) for validated images."""

@@ -8,19 +8,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..features._device import resolve_device, runtime_device
+from ..features._device import resolve_device
 from ..features.knn import NearestNeighbors
 from ..features.maps import covering_mean
 from ..features.patch_encoders import HierarchicalPatchEncoder, PositionClassifier, SmallPatchEncoder
-from ..features.preprocessing import ImageGeometry, iter_image_batches
-from ._base import BaseAnomalyDetector
+from ..features.preprocessing import ImageGeometry
+from ._base import PatchEmbeddingDetector
 
 _ENCODERS = ("trained", "random", "raw")
 # neighbour index -> (dy, dx) in the 3x3 grid around the centre patch
 _NEIGHBOURS = torch.tensor([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
 
 
-class PatchSVDD(BaseAnomalyDetector):
+class PatchSVDD(PatchEmbeddingDetector):
     """Patch SVDD: self-supervised hierarchical patch encoder + nearest-neighbour maps.
 
     A K=64 patch encoder built hierarchically on a K=32 encoder is trained with
@@ -112,10 +112,6 @@ class PatchSVDD(BaseAnomalyDetector):
         self.verbose = verbose
 
     # ------------------------------------------------------------------ utils
-    def _log(self, message):
-        if self.verbose:
-            print("[PatchSVDD] " + message, flush=True)
-
     def _check_params(self):
         if self.encoder not in _ENCODERS:
             raise ValueError("encoder must be one of %s, got %r" % (_ENCODERS, self.encoder))
@@ -137,14 +133,6 @@ class PatchSVDD(BaseAnomalyDetector):
             raise ValueError("strides must be even (the dense encoder map has stride 2)")
         if (self.image_size - small) % self.stride_small or (self.image_size - self.patch_size) % self.stride_big:
             raise ValueError("(image_size - K) must be divisible by the stride of each scale")
-
-    def _geometry(self):
-        return self.geometry_
-
-    def _load(self, images, device):
-        """All images as one normalised (N, 3, S, S) tensor in [-1, 1]."""
-        batches = [batch for _, batch in iter_image_batches(images, self.geometry_, 16, device)]
-        return torch.cat(batches).sub_(0.5).div_(0.5).contiguous()
 
     # --------------------------------------------------------------- training
     def _sample_pairs(self, data, patch, generator, neighbours):
@@ -241,8 +229,7 @@ class PatchSVDD(BaseAnomalyDetector):
             self.nn_indexes_.append(index.fit(feats.reshape(-1, feats.shape[-1])))
 
         # leave-one-image-out scores of a few training images set the threshold
-        n_cal = min(int(self.n_calibration), len(data))
-        chosen = np.sort(np.random.RandomState(seed).choice(len(data), n_cal, replace=False))
+        chosen = self._calibration_images(len(data), seed)
         if len(data) == 1:
             return self._scores_from_features(big[:1], small[:1], None)[0].cpu().numpy()
         return self._scores_from_features(big[chosen], small[chosen], chosen)[0].cpu().numpy()
@@ -272,27 +259,14 @@ class PatchSVDD(BaseAnomalyDetector):
         for feats, index, patch, stride in ((big, self.nn_indexes_[0], self.patch_size, self.stride_big),
                                             (small, self.nn_indexes_[1], self.patch_size // 2,
                                              self.stride_small)):
-            batch, n_h, n_w, dim = feats.shape
-            groups = bank_groups = None
-            if image_ids is not None:
-                groups = np.repeat(np.asarray(image_ids), n_h * n_w)
-                bank_groups = np.repeat(np.arange(len(index.bank_) // (n_h * n_w)), n_h * n_w)
-            distances, _ = index.kneighbors(feats.reshape(-1, dim), 1, groups, bank_groups)
-            scores = distances[:, 0].reshape(batch, n_h, n_w)
+            scores = self._nearest_distances(index, feats, image_ids)
             maps.append(covering_mean(scores, patch, stride, self.geometry_.input_size))
         anomaly_map = maps[0] * maps[1]
         return anomaly_map.flatten(1).max(1).values, anomaly_map
 
-    def _map_sigma(self):
-        return 0.0  # maps are already per pixel (mean over covering patches)
+    def _models(self):
+        return [self.encoder_] + list(self.nn_indexes_)
 
-    def _score_images(self, images):
-        device = runtime_device(self.device_)
-        if self.encoder_ is not None:
-            self.encoder_.to(device)
-        for index in self.nn_indexes_:
-            index.to(device)
-        for start, batch in iter_image_batches(images, self.geometry_, 8, device):
-            big, small = self._dense_features(batch.sub(0.5).div(0.5))
-            scores, maps = self._scores_from_features(big, small, None)
-            yield start, scores.cpu().numpy(), maps
+    def _score_batch(self, batch):
+        big, small = self._dense_features(batch)
+        return self._scores_from_features(big, small, None)

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..features._device import resolve_device, runtime_device
+from ..features._device import resolve_device
 from ..features.knn import NearestNeighbors
 from ..features.maps import covering_mean
 from ..features.patch_encoders import HierarchicalPatchEncoder, PEDENetSmallEncoder, PositionClassifier
-from ..features.preprocessing import ImageGeometry, iter_image_batches
-from ._base import BaseAnomalyDetector
+from ..features.preprocessing import ImageGeometry
+from ._base import PatchEmbeddingDetector
 
 _SCORES = ("nn", "energy")
 _PATCH_SIZES = (36, 72)  # the sub-patch encoder alone, or the hierarchical encoder on its 2x2 grid
@@ -117,7 +117,7 @@ class DensityEstimator(nn.Module):
 
 
 # ----------------------------------------------------------------- estimator
-class PEDENet(BaseAnomalyDetector):
+class PEDENet(PatchEmbeddingDetector):
     """PEDENet: patch embedding + density estimation + location prediction.
 
     The PE network embeds ``patch_size`` patches; the DE network assigns each
@@ -238,10 +238,6 @@ class PEDENet(BaseAnomalyDetector):
         self.verbose = verbose
 
     # ------------------------------------------------------------------ utils
-    def _log(self, message):
-        if self.verbose:
-            print("[PEDENet] " + message, flush=True)
-
     def _check_params(self):
         if self.score not in _SCORES:
             raise ValueError("score must be one of %s, got %r" % (_SCORES, self.score))
@@ -267,14 +263,6 @@ class PEDENet(BaseAnomalyDetector):
             raise ValueError("stride must be even (the dense encoder map has stride 2)")
         if (self.image_size - self.patch_size) % self.stride:
             raise ValueError("(image_size - patch_size) must be divisible by stride")
-
-    def _geometry(self):
-        return self.geometry_
-
-    def _load(self, images, device):
-        """All images as one normalised (N, 3, S, S) tensor in [-1, 1]."""
-        batches = [batch for _, batch in iter_image_batches(images, self.geometry_, 16, device)]
-        return torch.cat(batches).sub_(0.5).div_(0.5).contiguous()
 
     def _embed(self, patches):
         """(B, 3, K, K) patches -> (B, D) embeddings at the chosen scale."""
@@ -396,8 +384,7 @@ class PEDENet(BaseAnomalyDetector):
             t.cpu().numpy() for t in (phi, mu, sigma))
 
         # leave-one-image-out scores of a few training images set the threshold
-        n_cal = min(int(self.n_calibration), len(data))
-        chosen = np.sort(np.random.RandomState(seed).choice(len(data), n_cal, replace=False))
+        chosen = self._calibration_images(len(data), seed)
         if len(data) == 1:  # nothing to leave out against: score the image against itself
             return self._scores_from_features(features[:1], None)[0].cpu().numpy()
         return self._scores_from_features(features[chosen], chosen)[0].cpu().numpy()
@@ -421,23 +408,13 @@ class PEDENet(BaseAnomalyDetector):
                       for a in (self.gmm_weights_, self.gmm_means_, self.gmm_covariances_)]
             scores = gmm_energy(flat.double(), *params).float()
         else:
-            groups = bank_groups = None
-            if image_ids is not None:
-                groups = np.repeat(np.asarray(image_ids), n_h * n_w)
-                bank_groups = np.repeat(np.arange(len(self.nn_index_.bank_) // (n_h * n_w)), n_h * n_w)
-            scores = self.nn_index_.kneighbors(flat, 1, groups, bank_groups)[0][:, 0]
+            scores = self._nearest_distances(self.nn_index_, feats, image_ids)
         scores = scores.reshape(batch, n_h, n_w)
         anomaly_map = covering_mean(scores, self.patch_size, self.stride, self.geometry_.input_size)
         return anomaly_map.flatten(1).max(1).values, anomaly_map
 
-    def _map_sigma(self):
-        return 0.0  # maps are already per pixel (mean over covering patches)
+    def _models(self):
+        return [self.encoder_, self.nn_index_]
 
-    def _score_images(self, images):
-        device = runtime_device(self.device_)
-        self.encoder_.to(device)
-        self.nn_index_.to(device)
-        for start, batch in iter_image_batches(images, self.geometry_, 8, device):
-            feats = self._dense_features(batch.sub(0.5).div(0.5))
-            scores, maps = self._scores_from_features(feats, None)
-            yield start, scores.cpu().numpy(), maps
+    def _score_batch(self, batch):
+        return self._scores_from_features(self._dense_features(batch), None)
