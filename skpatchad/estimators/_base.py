@@ -20,9 +20,9 @@ import torch
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ..features._device import TorchImageEstimatorMixin, runtime_device
+from ..features._device import TorchImageEstimatorMixin, resolve_device, runtime_device
 from ..features.maps import grid_to_maps, stack_if_same_size
-from ..features.preprocessing import iter_image_batches
+from ..features.preprocessing import ImageGeometry, iter_image_batches
 from ..metrics import labels_from_y
 from ..utils import check_images, image_sizes, select_images
 
@@ -165,6 +165,20 @@ class PatchEmbeddingDetector(BaseAnomalyDetector):
 
     def _map_sigma(self):
         return 0.0
+
+    def _start_fit(self, images):
+        """Validate parameters, resolve device and seeds, load the images.
+
+        Returns ``(seed, generator, data)``: an int seed derived from
+        ``random_state``, a torch generator for patch sampling, and the
+        normalised (N, 3, S, S) training tensor.
+        """
+        self._check_params()
+        seed = int(np.random.RandomState(self.random_state).randint(2**31 - 1))
+        generator = torch.Generator().manual_seed(seed)
+        self.device_ = resolve_device(self.device)
+        self.geometry_ = ImageGeometry(self.image_size)
+        return seed, generator, self._load(images, self.device_)
 
     def _load(self, images, device):
         """All images as one normalised (N, 3, S, S) tensor in [-1, 1]."""

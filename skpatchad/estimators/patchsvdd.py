@@ -8,11 +8,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..features._device import resolve_device
 from ..features.knn import NearestNeighbors
 from ..features.maps import covering_mean
 from ..features.patch_encoders import HierarchicalPatchEncoder, PositionClassifier, SmallPatchEncoder
-from ..features.preprocessing import ImageGeometry
 from ._base import PatchEmbeddingDetector
 
 _ENCODERS = ("trained", "random", "raw")
@@ -200,13 +198,8 @@ class PatchSVDD(PatchEmbeddingDetector):
 
     # ------------------------------------------------------------------ fit
     def _fit_images(self, images):
-        self._check_params()
-        seed = np.random.RandomState(self.random_state).randint(2**31 - 1)
-        generator = torch.Generator().manual_seed(int(seed))
-        device = resolve_device(self.device)
-        self.device_ = device
-        self.geometry_ = ImageGeometry(self.image_size)
-        data = self._load(images, device)
+        seed, generator, data = self._start_fit(images)
+        device = self.device_
         self.training_curve_ = []
         if self.encoder == "raw":
             self.encoder_ = None
