@@ -10,12 +10,10 @@ import torch.nn.functional as F
 
 from ..features.knn import NearestNeighbors
 from ..features.maps import covering_mean
-from ..features.patch_encoders import HierarchicalPatchEncoder, PositionClassifier, SmallPatchEncoder
+from ..features.patch_encoders import NEIGHBOUR_OFFSETS, HierarchicalPatchEncoder, PositionClassifier, SmallPatchEncoder
 from ._base import PatchEmbeddingDetector
 
 _ENCODERS = ("trained", "random", "raw")
-# neighbour index -> (dy, dx) in the 3x3 grid around the centre patch
-_NEIGHBOURS = torch.tensor([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
 
 
 class PatchSVDD(PatchEmbeddingDetector):
@@ -147,8 +145,8 @@ class PatchSVDD(PatchEmbeddingDetector):
             x = torch.randint(low, high + 1, (batch,), generator=generator)
             label = torch.randint(8, (batch,), generator=generator)
             jitter = torch.randint(-gap, gap + 1, (batch, 2), generator=generator)
-            y2 = y + _NEIGHBOURS[label, 0] * patch + jitter[:, 0]
-            x2 = x + _NEIGHBOURS[label, 1] * patch + jitter[:, 1]
+            y2 = y + NEIGHBOUR_OFFSETS[label, 0] * patch + jitter[:, 0]
+            x2 = x + NEIGHBOUR_OFFSETS[label, 1] * patch + jitter[:, 1]
         else:
             jit = max(1, patch // 32)  # "jittered by a few pixels"
             y = torch.randint(jit, size - patch - jit + 1, (batch,), generator=generator)

@@ -27,13 +27,11 @@ from torch import nn
 
 from ..features.knn import NearestNeighbors
 from ..features.maps import covering_mean
-from ..features.patch_encoders import HierarchicalPatchEncoder, PEDENetSmallEncoder, PositionClassifier
+from ..features.patch_encoders import NEIGHBOUR_OFFSETS, HierarchicalPatchEncoder, PEDENetSmallEncoder, PositionClassifier
 from ._base import PatchEmbeddingDetector
 
 _SCORES = ("nn", "energy")
 _PATCH_SIZES = (36, 72)  # the sub-patch encoder alone, or the hierarchical encoder on its 2x2 grid
-# neighbour index -> (dy, dx) in the 3x3 grid around the centre patch
-_NEIGHBOURS = torch.tensor([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
 # Added to every covariance before its Cholesky factorisation. Embeddings are
 # tanh-bounded to [-1, 1], so an absolute jitter is on a known scale: 1e-4 keeps
 # a collapsed component (duplicate points, Sigma = 0) factorisable in float32
@@ -294,7 +292,7 @@ class PEDENet(PatchEmbeddingDetector):
         gap = patch // 8
         image_index = torch.randint(len(data), (batch,), generator=generator)
         label = torch.randint(8, (batch,), generator=generator)
-        offset = _NEIGHBOURS[label] * patch + torch.randint(-gap, gap + 1, (batch, 2), generator=generator)
+        offset = NEIGHBOUR_OFFSETS[label] * patch + torch.randint(-gap, gap + 1, (batch, 2), generator=generator)
         # centre range per axis so that both crops lie inside [0, size - patch]
         low = (-offset).clamp_min(0)
         high = (size - patch) - offset.clamp_min(0)

@@ -102,6 +102,11 @@ class HierarchicalPatchEncoder(nn.Module):
         return self.from_small_map(small_map), small_map
 
 
+# Neighbour index -> (dy, dx) in the 3x3 grid around a centre patch: the 8
+# classes of the relative-position task (PatchSVDD's SSL, PEDENet's LP).
+NEIGHBOUR_OFFSETS = torch.tensor([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
+
+
 class PositionClassifier(nn.Module):
     """MLP on the difference of two patch features -> which of the 8 neighbours (logits)."""
 
