@@ -86,6 +86,25 @@ def test_chunking_does_not_change_results(data, k, max_block_bytes):
     _assert_matches_reference(small_d, small_i, queries, bank, k)
 
 
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("max_block_bytes", [64, 2**30])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_distances_only_equal_full_search(data, k, max_block_bytes, grouped):
+    bank, queries = data
+    groups = {}
+    if grouped:
+        rng = np.random.RandomState(2)
+        groups = dict(query_groups=rng.randint(0, 6, size=len(queries)),
+                      bank_groups=rng.randint(0, 6, size=len(bank)))
+    index = NearestNeighbors(max_block_bytes=max_block_bytes).fit(bank)
+    distances, _ = index.kneighbors(queries, k, **groups)
+    only = index.kneighbors(queries, k, return_indices=False, **groups)
+    assert isinstance(only, torch.Tensor) and only.shape == (len(queries), k)
+    torch.testing.assert_close(only, distances, rtol=1e-6, atol=1e-6)
+    ref_d = _brute_force(queries, bank, k, groups.get("query_groups"), groups.get("bank_groups"))[0]
+    np.testing.assert_allclose(only.numpy(), ref_d, rtol=1e-4, atol=1e-4)
+
+
 def test_block_sizes_respect_budget_for_large_bank():
     mib = 2**20
     query_block, bank_block = _block_sizes(20_000, 200_000, 1, 16 * mib)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from skpatchad.features.maps import gaussian_blur, grid_to_maps, stack_if_same_size
+from skpatchad.features.maps import _stepwise, gaussian_blur, grid_to_maps, stack_if_same_size
 from skpatchad.features.preprocessing import ImageGeometry, iter_image_batches
 
 
@@ -176,7 +176,39 @@ def test_no_blur_no_crop_at_input_size_is_bilinear_upsampling():
     maps = grid_to_maps(grids, geometry, [(32, 48), (32, 48)], sigma=0)
     expected = F.interpolate(grids[:, None], size=(32, 48), mode="bilinear", align_corners=False)
     for m, e in zip(maps, expected[:, 0].numpy()):
-        np.testing.assert_array_equal(m, e)
+        np.testing.assert_allclose(m, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.5, 4.0])
+@pytest.mark.parametrize(
+    "image_size, crop_size, grid_shape, sizes",
+    [
+        (64, None, (8, 8), [(100, 80), (64, 64), (30, 200)]),
+        ((80, 96), (64, 64), (7, 9), [(120, 50), (80, 96)]),
+        (256, 224, (28, 28), [(900, 900)]),
+        (32, None, (2, 3), [(17, 300)]),  # blur radius beyond the axis: replicate
+    ],
+)
+def test_operator_path_equals_stepwise_path(image_size, crop_size, grid_shape, sizes, sigma):
+    """The one-matrix-per-axis map path computes the same maps as stepping through it."""
+    geometry = ImageGeometry(image_size, crop_size)
+    grids = torch.rand((len(sizes),) + grid_shape, generator=torch.Generator().manual_seed(0))
+    maps = grid_to_maps(grids, geometry, sizes, sigma=sigma)
+    for i, size in enumerate(sizes):
+        expected = _stepwise(grids[i:i + 1], geometry, size, sigma)[0].numpy()
+        np.testing.assert_allclose(maps[i], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_out_is_filled_in_place_on_both_paths():
+    for grid_shape in [(8, 8), (128, 128)]:  # operator path and the dense stepwise path
+        geometry = ImageGeometry(128)
+        grids = torch.rand((2,) + grid_shape)
+        out = np.full((2, 50, 70), np.nan, dtype=np.float32)
+        maps = grid_to_maps(grids, geometry, [(50, 70)] * 2, sigma=2.0, out=out)
+        expected = _stepwise(grids, geometry, (50, 70), 2.0).numpy()
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+        for m, o in zip(maps, out):
+            np.testing.assert_array_equal(m, o)
 
 
 def test_stack_if_same_size():

@@ -114,7 +114,12 @@ class BaseAnomalyDetector(TorchImageEstimatorMixin, OutlierMixin, BaseEstimator)
             stop = start + len(batch_scores)
             scores[start:stop] = batch_scores
             if want_maps:
-                maps[start:stop] = grid_to_maps(grids, self._geometry(), sizes[start:stop], self._map_sigma())
+                if isinstance(maps, np.ndarray):
+                    grid_to_maps(grids, self._geometry(), sizes[start:stop], self._map_sigma(),
+                                 out=maps[start:stop])
+                else:
+                    maps[start:stop] = grid_to_maps(grids, self._geometry(), sizes[start:stop],
+                                                    self._map_sigma())
         return scores, maps
 
     def _map_sigma(self):

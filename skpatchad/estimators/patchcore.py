@@ -232,16 +232,18 @@ class PatchCore(BaseAnomalyDetector):
         batch, grid_h, grid_w, dim = embeddings.shape
         queries = embeddings.reshape(-1, dim)
         bank_groups = self.bank_image_index_ if query_groups is not None else None
-        distances, nearest = index.kneighbors(queries, 1, query_groups, bank_groups)
+        distances = index.kneighbors(queries, 1, query_groups, bank_groups, return_indices=False)
         patch_scores = distances[:, 0].reshape(batch, grid_h * grid_w)
         max_scores, argmax = patch_scores.max(dim=1)
         b = min(int(self.n_neighbors), len(self.memory_bank_))
         if b > 1:
             rows = torch.arange(batch, device=argmax.device)
             worst = queries.reshape(batch, grid_h * grid_w, dim)[rows, argmax.to(queries.device)]
-            m_star = nearest[:, 0].reshape(batch, grid_h * grid_w)[rows, argmax]
-            bank = index._device_bank()[0]
             star_groups = None if query_groups is None else np.asarray(query_groups).reshape(batch, -1)[:, 0]
+            # m* is looked up for the B worst patches only, so the search over all
+            # patches need not track where each minimum is
+            m_star = index.kneighbors(worst, 1, star_groups, bank_groups)[1][:, 0]
+            bank = index._device_bank()[0]
             # b nearest bank entries of m* (m* first), excluding the query image's own patches
             _, support = index.kneighbors(bank[m_star], b, star_groups, bank_groups)
             support[:, 0] = m_star

@@ -194,13 +194,15 @@ class _MBConvBlock(nn.Module):
         self.use_residual = stride == 1 and in_channels == out_channels
 
     def forward(self, x):
+        # In-place activations and residual: each convolution returns a fresh
+        # tensor, so this saves one full-size allocation and pass per op.
         out = x
         if self.has_expansion:
-            out = F.relu6(self._bn0(self._expand_conv(out)))
-        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+            out = F.relu6(self._bn0(self._expand_conv(out)), inplace=True)
+        out = F.relu6(self._bn1(self._depthwise_conv(out)), inplace=True)
         out = self._bn2(self._project_conv(out))
         if self.use_residual:
-            out = out + x
+            out += x
         return out
 
 

@@ -105,7 +105,8 @@ class NearestNeighbors:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             self.device = torch.device("cpu")
 
-    def kneighbors(self, queries, n_neighbors=1, query_groups=None, bank_groups=None):
+    def kneighbors(self, queries, n_neighbors=1, query_groups=None, bank_groups=None,
+                   return_indices=True):
         """Distances and indices of the ``n_neighbors`` nearest bank vectors.
 
         Parameters
@@ -115,12 +116,15 @@ class NearestNeighbors:
         query_groups, bank_groups : array-like of int, optional
             Give both or neither. Bank vectors of the same group as the query are
             excluded (leave-one-image-out); this always uses the exact search.
+        return_indices : bool, default=True
+            False returns the distances alone, which lets the exact search
+            skip tracking where each minimum is (about a third faster for k=1).
 
         Returns
         -------
         distances : torch.Tensor (n_queries, n_neighbors), float32, ascending
         indices : torch.Tensor (n_queries, n_neighbors), int64
-            Both on this object's device.
+            Only when ``return_indices``. Both on this object's device.
         """
         n_bank = len(self.bank_)
         if not 1 <= n_neighbors <= n_bank:
@@ -128,16 +132,19 @@ class NearestNeighbors:
         if (query_groups is None) != (bank_groups is None):
             raise ValueError("query_groups and bank_groups must be given together")
         if query_groups is not None or self.method == "exact":
-            return self._exact(queries, n_neighbors, query_groups, bank_groups)
+            distances, indices = self._exact(queries, n_neighbors, query_groups, bank_groups, return_indices)
+            return (distances, indices) if return_indices else distances
         query_np = queries.detach().cpu().numpy() if isinstance(queries, torch.Tensor) else queries
         search_k = min(n_bank, max(n_neighbors, _PYNNDESCENT_MIN_SEARCH_K))
         indices, distances = self.index_.query(np.ascontiguousarray(query_np, dtype=np.float32), k=search_k)
         indices, distances = indices[:, :n_neighbors], distances[:, :n_neighbors]
-        return (torch.from_numpy(np.ascontiguousarray(distances, dtype=np.float32)).to(self.device),
-                torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(self.device))
+        distances = torch.from_numpy(np.ascontiguousarray(distances, dtype=np.float32)).to(self.device)
+        if not return_indices:
+            return distances
+        return distances, torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(self.device)
 
     @torch.inference_mode()
-    def _exact(self, queries, k, query_groups, bank_groups):
+    def _exact(self, queries, k, query_groups, bank_groups, return_indices=True):
         bank, bank_sq = self._device_bank()
         queries = _as_tensor(queries, self.device)
         if queries.dim() != 2 or queries.shape[1] != bank.shape[1]:
@@ -154,7 +161,7 @@ class NearestNeighbors:
         n_query, n_bank = len(queries), len(bank)
         query_block, bank_block = _block_sizes(n_query, n_bank, k, self.max_block_bytes)
         out_dist = torch.empty(n_query, k, device=self.device)
-        out_index = torch.empty(n_query, k, dtype=torch.long, device=self.device)
+        out_index = torch.empty(n_query, k, dtype=torch.long, device=self.device) if return_indices else None
         for q0 in range(0, n_query, query_block):
             q = queries[q0:q0 + query_block]
             q_sq = (q * q).sum(1, keepdim=True)
@@ -168,6 +175,10 @@ class NearestNeighbors:
                     same = query_groups[q0:q0 + query_block, None] == bank_groups[None, b0:b0 + bank_block]
                     d2.masked_fill_(same, float("inf"))
                 kk = min(k, d2.shape[1])
+                if kk == 1 and not return_indices:  # amin skips the argmin bookkeeping
+                    d = d2.amin(dim=1, keepdim=True)
+                    best_d = d if best_d is None else torch.minimum(best_d, d)
+                    continue
                 if kk == 1:  # min is several times faster than topk
                     d, i = d2.min(dim=1, keepdim=True)
                 else:
@@ -179,6 +190,11 @@ class NearestNeighbors:
                         d, pos = torch.topk(d, k, dim=1, largest=False, sorted=False)
                         i = torch.gather(i, 1, pos)
                 best_d, best_i = d, i
+            if not return_indices:
+                if best_d.shape[1] > 1:
+                    best_d = torch.sort(best_d, dim=1).values
+                out_dist[q0:q0 + query_block] = best_d.add_(q_sq).clamp_min_(0).sqrt_()
+                continue
             best_d, order = torch.sort(best_d, dim=1)
             out_dist[q0:q0 + query_block] = best_d.add_(q_sq).clamp_min_(0).sqrt_()
             out_index[q0:q0 + query_block] = torch.gather(best_i, 1, order)

@@ -4,22 +4,29 @@ All estimators hand a grid of patch scores per image (the grid covers the
 network input) to :func:`grid_to_maps`, which upsamples it bilinearly to the
 network input size, smooths it with a Gaussian (sigma in network-input pixels,
 as in PatchCore), undoes the centre crop and resizes each map to its own
-image's original height and width.
+image's original height and width -- all in one separable linear operator.
 """
+
+import functools
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 
+def _gaussian_kernel(sigma, dtype, device):
+    """Normalised 1-D Gaussian taps truncated at 4 sigma, and their radius."""
+    radius = max(1, int(4.0 * sigma + 0.5))
+    coords = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    kernel = torch.exp(-0.5 * (coords / sigma) ** 2)
+    return kernel / kernel.sum(), radius
+
+
 def gaussian_blur(maps, sigma):
     """Separable Gaussian blur of ``(B, 1, H, W)`` maps, reflect padding, truncated at 4 sigma."""
     if sigma is None or sigma <= 0:
         return maps
-    radius = max(1, int(4.0 * sigma + 0.5))
-    coords = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-0.5 * (coords / sigma) ** 2)
-    kernel = kernel / kernel.sum()
+    kernel, radius = _gaussian_kernel(sigma, maps.dtype, maps.device)
     height, width = maps.shape[-2:]
     # reflect padding needs pad < size; replicate beyond that (tiny axes only),
     # decided per axis so a thin map is still reflected along its long side
@@ -29,8 +36,58 @@ def gaussian_blur(maps, sigma):
     return F.conv2d(out, kernel.view(1, 1, -1, 1))
 
 
-def grid_to_maps(grids, geometry, output_sizes, sigma=4.0):
+@functools.lru_cache(maxsize=64)
+def _axis_operator(n_cells, input_len, resize_len, crop_start, output_len, sigma):
+    """The map path along one axis as an ``(output_len, n_cells)`` float32 matrix.
+
+    Every step of the path (bilinear upsampling, the reflect-padded Gaussian,
+    the replicate padding of a crop margin, the final bilinear resize) is linear
+    and separable, so a whole map is ``A_h @ grid @ A_w.T``. The matrix is
+    built by sending the identity through the same steps, in float64.
+    """
+    signal = torch.eye(n_cells, dtype=torch.float64).unsqueeze(1)  # (n_cells, 1, n_cells)
+    signal = F.interpolate(signal, size=input_len, mode="linear", align_corners=False)
+    if sigma is not None and sigma > 0:
+        kernel, radius = _gaussian_kernel(sigma, signal.dtype, signal.device)
+        signal = F.pad(signal, (radius, radius), mode="reflect" if radius < input_len else "replicate")
+        signal = F.conv1d(signal, kernel.view(1, 1, -1))
+    if resize_len != input_len:
+        # outside the crop the network saw nothing: extend the border values
+        signal = F.pad(signal, (crop_start, resize_len - crop_start - input_len), mode="replicate")
+    if output_len != resize_len:
+        signal = F.interpolate(signal, size=output_len, mode="linear", align_corners=False)
+    return signal[:, 0, :].T.float().contiguous()
+
+
+# Above this many cells (dense per-pixel maps, e.g. PatchSVDD's) the dense
+# operator costs more than stepping through the path with sparse kernels.
+_MAX_OPERATOR_CELLS = 96 * 96
+
+
+def _stepwise(grids, geometry, size, sigma):
+    """The map path one full-size step at a time: (B, h, w) -> (B, H, W)."""
+    maps = grids.unsqueeze(1)
+    if tuple(maps.shape[-2:]) != geometry.input_size:
+        maps = F.interpolate(maps, size=geometry.input_size, mode="bilinear", align_corners=False)
+    maps = gaussian_blur(maps, sigma)
+    if geometry.crop is not None:
+        top, left, height, width = geometry.crop
+        full_h, full_w = geometry.resize
+        maps = F.pad(maps, (left, full_w - left - width, top, full_h - top - height), mode="replicate")
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+    return maps[:, 0]
+
+
+def grid_to_maps(grids, geometry, output_sizes, sigma=4.0, out=None):
     """Convert patch-score grids to anomaly maps at each image's own resolution.
+
+    The grid is upsampled bilinearly to the network input, smoothed with a
+    Gaussian of ``sigma`` input pixels (reflect padding), padded back to the
+    resized image outside a centre crop (border values extended) and resized
+    bilinearly to the original image size. Those steps are applied at once as
+    two small matrices per axis (see ``_axis_operator``), which costs one
+    write of the output instead of several full-size passes.
 
     Parameters
     ----------
@@ -42,30 +99,41 @@ def grid_to_maps(grids, geometry, output_sizes, sigma=4.0):
         Original (H, W) of each image.
     sigma : float
         Gaussian sigma in network-input pixels (PatchCore: 4).
+    out : ndarray of shape (B, H, W), float32, optional
+        Written in place when all output sizes are (H, W).
 
     Returns
     -------
     maps : list of ndarray of float32, each of shape output_sizes[i]
     """
-    maps = grids.float().unsqueeze(1)
-    maps = F.interpolate(maps, size=geometry.input_size, mode="bilinear", align_corners=False)
-    maps = gaussian_blur(maps, sigma)
-    if geometry.crop is not None:
-        top, left, height, width = geometry.crop
-        full_h, full_w = geometry.resize
-        # outside the crop the network saw nothing: extend the border values
-        maps = F.pad(maps, (left, full_w - left - width, top, full_h - top - height), mode="replicate")
+    grids = grids.float()
+    grid_h, grid_w = grids.shape[-2:]
+    input_h, input_w = geometry.input_size
+    resize_h, resize_w = geometry.resize
+    top, left = geometry.crop[:2] if geometry.crop is not None else (0, 0)
+    sigma = float(sigma or 0.0)
     result = [None] * len(output_sizes)
     by_size = {}
     for index, size in enumerate(output_sizes):
-        by_size.setdefault(tuple(size), []).append(index)
-    for size, indices in by_size.items():
-        selected = maps[indices]
-        if tuple(selected.shape[-2:]) != size:
-            selected = F.interpolate(selected, size=size, mode="bilinear", align_corners=False)
-        selected = selected[:, 0].cpu().numpy()
+        by_size.setdefault(tuple(int(v) for v in size), []).append(index)
+    for (height, width), indices in by_size.items():
+        selected = grids if len(indices) == len(grids) else grids[indices]
+        target = None
+        if out is not None and len(by_size) == 1 and grids.device.type == "cpu":
+            target = torch.from_numpy(out)
+        if grid_h * grid_w > _MAX_OPERATOR_CELLS:
+            maps = _stepwise(selected, geometry, (height, width), sigma)
+            if target is not None:
+                target.copy_(maps)
+        else:
+            rows = _axis_operator(grid_h, input_h, resize_h, top, height, sigma).to(grids.device)
+            cols = _axis_operator(grid_w, input_w, resize_w, left, width, sigma).to(grids.device)
+            maps = torch.matmul(torch.matmul(rows, selected), cols.T, out=target)
+        maps = maps.cpu().numpy() if target is None else out
+        if out is not None and target is None and len(by_size) == 1:
+            out[...] = maps
         for position, index in enumerate(indices):
-            result[index] = selected[position]
+            result[index] = maps[position]
     return result
 
 
