@@ -344,3 +344,40 @@ def test_model_fitted_on_cuda_runs_on_a_cpu_only_machine(sample, fitted_patchcor
     with pytest.warns(UserWarning, match="not available here; running on CPU"):
         maps = restored.predict_map(test.images[:2])
     np.testing.assert_array_equal(maps, expected)
+
+
+def test_streamed_fit_without_full_embeddings_gives_the_same_model(sample, small_patchcore_params, monkeypatch):
+    """Keeping only the projection (second pass for the bank) changes nothing but memory."""
+    import skpatchad.features.patchcore as patchcore_features
+
+    train, test = sample
+    params = {**small_patchcore_params, "projection_dim": 16, "n_calibration": 5}
+    kept = PatchCore(**params).fit(train.images[:12])
+    recorded = {}
+    original_gather = patchcore_features.StreamedEmbeddings.gather
+
+    def spy_gather(self, selected, batches):
+        recorded["full_kept"] = self.full is not None
+        recorded["calibration_rows"] = len(self.calibration_embeddings())
+        return original_gather(self, selected, batches)
+
+    monkeypatch.setattr(patchcore_features, "KEEP_FULL_BYTES", 0)
+    monkeypatch.setattr(patchcore_features.StreamedEmbeddings, "gather", spy_gather)
+    streamed = PatchCore(**params).fit(train.images[:12])
+    assert recorded == {"full_kept": False, "calibration_rows": 5}
+    np.testing.assert_array_equal(streamed.bank_image_index_, kept.bank_image_index_)
+    np.testing.assert_allclose(streamed.memory_bank_, kept.memory_bank_, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(streamed.train_scores_, kept.train_scores_, rtol=1e-6)
+    np.testing.assert_allclose(streamed.predict_map(test.images[:2]), kept.predict_map(test.images[:2]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_n_calibration_bounds_the_leave_one_out_images(sample, small_patchcore_params):
+    train, _ = sample
+    full = PatchCore(**small_patchcore_params).fit(train.images[:10])
+    sub = PatchCore(**{**small_patchcore_params, "n_calibration": 4}).fit(train.images[:10])
+    assert full.train_scores_.shape == (10,) and sub.train_scores_.shape == (4,)
+    # evenly spread images 0, 3, 6, 9, scored exactly as in the full calibration
+    np.testing.assert_allclose(sub.train_scores_, full.train_scores_[[0, 3, 6, 9]], rtol=1e-6)
+    with pytest.raises(ValueError, match="n_calibration"):
+        PatchCore(n_calibration=0).fit(train.images[:2])

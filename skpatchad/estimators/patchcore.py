@@ -8,9 +8,9 @@ import torch
 
 from ..features._device import resolve_device, runtime_device
 from ..features.backbone import extract_feature_maps, make_backbone
-from ..features.coreset import greedy_coreset, random_projection
+from ..features.coreset import greedy_coreset
 from ..features.knn import NearestNeighbors
-from ..features.patchcore import LocallyAwarePatchEmbedding
+from ..features.patchcore import LocallyAwarePatchEmbedding, StreamedEmbeddings
 from ..features.preprocessing import ImageGeometry
 from ._base import BaseAnomalyDetector
 
@@ -59,6 +59,10 @@ class PatchCore(BaseAnomalyDetector):
         Gaussian smoothing of the maps, in network-input pixels.
     knn : {"exact", "pynndescent"}, default="exact"
         Nearest-neighbour search.
+    n_calibration : int, default=256
+        At most this many training images, evenly spread over the training set,
+        are scored leave-one-image-out to set ``offset_`` (all of them when
+        there are fewer); this bounds the calibration cost on large sets.
     contamination : "auto" or float in (0, 0.5], default="auto"
         Sets ``offset_``: "auto" puts the threshold at the most anomalous
         training image; a float at that quantile of the training scores.
@@ -81,11 +85,21 @@ class PatchCore(BaseAnomalyDetector):
         optimistically low; the threshold is calibrated on leave-one-image-out
         scores instead: each training image is scored against the bank without
         its own patches, which is how an unseen normal image would score.
-    train_scores_ : ndarray of shape (n_train_images,)
-        Those leave-one-image-out ``score_samples`` of the training images.
+    train_scores_ : ndarray of shape (min(n_train_images, n_calibration),)
+        Those leave-one-image-out ``score_samples`` of the calibration images.
     device_ : torch.device
     fit_times_ : dict
-        Seconds spent in feature extraction, coreset selection and calibration.
+        Seconds spent in feature extraction, coreset selection, building the
+        bank and calibration.
+
+    Notes
+    -----
+    Training images are embedded batch by batch into preallocated buffers. The
+    coreset runs on the ``projection_dim`` projection; when the full
+    embeddings of all training patches would exceed 2 GiB (e.g. thousands of
+    images with a ResNet backbone), only the projection and the calibration
+    images' embeddings are kept and the selected patches are embedded again
+    in a second pass, so memory grows as N d' rather than N D.
 
     Examples
     --------
@@ -111,6 +125,7 @@ class PatchCore(BaseAnomalyDetector):
         n_neighbors=9,
         sigma=4.0,
         knn="exact",
+        n_calibration=256,
         contamination="auto",
         batch_size=16,
         device="auto",
@@ -129,6 +144,7 @@ class PatchCore(BaseAnomalyDetector):
         self.n_neighbors = n_neighbors
         self.sigma = sigma
         self.knn = knn
+        self.n_calibration = n_calibration
         self.contamination = contamination
         self.batch_size = batch_size
         self.device = device
@@ -145,6 +161,8 @@ class PatchCore(BaseAnomalyDetector):
             raise ValueError("embedding_dim must be a positive integer, got %r" % (self.embedding_dim,))
         if int(self.n_neighbors) != self.n_neighbors or self.n_neighbors < 1:
             raise ValueError("n_neighbors must be a positive integer, got %r" % (self.n_neighbors,))
+        if int(self.n_calibration) != self.n_calibration or self.n_calibration < 1:
+            raise ValueError("n_calibration must be a positive integer, got %r" % (self.n_calibration,))
         if self.sigma is not None and self.sigma < 0:
             raise ValueError("sigma must be >= 0, got %r" % (self.sigma,))
 
@@ -169,49 +187,59 @@ class PatchCore(BaseAnomalyDetector):
         self.geometry_ = ImageGeometry(self.image_size, self.crop_size)
         self.backbone_ = make_backbone(self.backbone, self.layers, self.weights).to(device)
         self.embedder_ = LocallyAwarePatchEmbedding(self.patch_size, self.embedding_dim)
+        n_images = len(images)
+        projection_seed = rng.randint(2**31 - 1)
+        # evenly spread over the training set; all images when there are few
+        n_calibration = min(n_images, int(self.n_calibration))
+        calibration_ids = np.unique(np.linspace(0, n_images - 1, n_calibration).round().astype(np.int64))
         times = {}
 
         tic = time.perf_counter()
-        chunks = [emb for _, emb in self._embed(images, device, log_progress=True)]
-        embeddings = torch.cat(chunks)  # (N, h, w, D)
-        del chunks
-        n_images, grid_h, grid_w, dim = embeddings.shape
-        self.grid_shape_ = (grid_h, grid_w)
-        flat = embeddings.reshape(-1, dim)
+        stream = StreamedEmbeddings(n_images, self.projection_dim, projection_seed, calibration_ids)
+        for start, embeddings in self._embed(images, device, log_progress=True):
+            stream.add(start, embeddings)
+        self.grid_shape_ = stream.grid_shape
         times["features"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        n_patches = len(flat)
+        n_patches = stream.n_patches
         n_select = n_patches if self.coreset >= 1.0 else max(1, int(round(self.coreset * n_patches)))
         if n_select < n_patches:
             self._log("coreset: selecting %d of %d patches" % (n_select, n_patches))
-            projected = random_projection(flat, self.projection_dim, rng.randint(2**31 - 1))
-            selected = greedy_coreset(projected, n_select, start=rng.randint(n_patches))
-            del projected
+            selected = greedy_coreset(stream.coreset_points, n_select, start=rng.randint(n_patches))
             self._log("coreset: done in %.1fs" % (time.perf_counter() - tic))
         else:
             selected = np.arange(n_patches)
         times["coreset"] = time.perf_counter() - tic
 
-        self.memory_bank_ = flat[torch.from_numpy(selected).to(flat.device)].cpu().numpy()
-        self.bank_image_index_ = (selected // (grid_h * grid_w)).astype(np.int64)
+        tic = time.perf_counter()
+        if stream.full is None:
+            # only the projected copy was kept: one more backbone pass instead of O(N D) memory
+            self._log("bank: gathering %d full embeddings in a second pass" % n_select)
+        bank = stream.gather(selected, self._embed(images, device) if stream.full is None else ())
+        self.memory_bank_ = bank.cpu().numpy()
+        stream.drop_projection()
+        times["bank"] = time.perf_counter() - tic
+        grid_cells = self.grid_shape_[0] * self.grid_shape_[1]
+        self.bank_image_index_ = (selected // grid_cells).astype(np.int64)
         self.nn_index_ = NearestNeighbors(self.knn, device=device, random_state=rng.randint(2**31 - 1))
         self.nn_index_.fit(self.memory_bank_)
 
         tic = time.perf_counter()
+        calibration = stream.calibration_embeddings()
         if n_images > 1:
-            scores = self._leave_one_out_scores(embeddings)
+            scores = self._leave_one_out_scores(calibration, calibration_ids)
         else:
             warnings.warn("PatchCore was fitted on a single image: offset_ uses its in-sample "
                           "score, which is optimistically low; fit on more normal images")
-            scores = self._image_scores(embeddings, None)[0].cpu().numpy()
+            scores = self._image_scores(calibration, None)[0].cpu().numpy()
         times["calibration"] = time.perf_counter() - tic
         self.fit_times_ = times
         self._log("fit done: %s" % ", ".join("%s %.1fs" % kv for kv in times.items()))
         return scores
 
-    def _leave_one_out_scores(self, embeddings):
-        """Score each training image against the bank without its own patches."""
+    def _leave_one_out_scores(self, embeddings, image_ids):
+        """Score training images ``image_ids`` (embeddings (n, h, w, D)) against the bank without their own patches."""
         if len(np.unique(self.bank_image_index_)) < 2:
             warnings.warn("the memory bank holds patches of a single image, so leave-one-image-out "
                           "calibration is impossible; offset_ uses in-sample scores (raise coreset)")
@@ -220,7 +248,7 @@ class PatchCore(BaseAnomalyDetector):
         scores = []
         for start in range(0, len(embeddings), self.batch_size):
             batch = embeddings[start:start + self.batch_size]
-            groups = np.repeat(np.arange(start, start + len(batch)), batch.shape[1] * batch.shape[2])
+            groups = np.repeat(image_ids[start:start + len(batch)], batch.shape[1] * batch.shape[2])
             scores.append(self._image_scores(batch, groups, index=exact)[0].cpu().numpy())
         return np.concatenate(scores)
 

@@ -35,15 +35,19 @@ except ImportError:  # pragma: no cover - numba comes with pynndescent
 _SLACK = 1.0 + 1e-4
 
 
-def random_projection(features, n_components, random_state):
-    """Johnson-Lindenstrauss Gaussian projection of (N, D) torch features to n_components."""
-    n_features = features.shape[1]
+def projection_matrix(n_features, n_components, random_state):
+    """(n_features, n_components) Johnson-Lindenstrauss Gaussian matrix, or None when it would not reduce."""
     if n_components is None or n_components >= n_features:
-        return features
+        return None
     rng = np.random.RandomState(random_state)
     matrix = rng.normal(0.0, 1.0 / np.sqrt(n_components), size=(n_features, n_components))
-    matrix = torch.from_numpy(matrix.astype(np.float32)).to(features.device)
-    return features @ matrix
+    return torch.from_numpy(matrix.astype(np.float32))
+
+
+def random_projection(features, n_components, random_state):
+    """Johnson-Lindenstrauss Gaussian projection of (N, D) torch features to n_components."""
+    matrix = projection_matrix(features.shape[1], n_components, random_state)
+    return features if matrix is None else features @ matrix.to(features.device)
 
 
 if numba is not None:
