@@ -6,7 +6,7 @@ Estimators are imported lazily so that ``skpatchad.metrics`` and
 
 __version__ = "0.1.0"
 
-_ESTIMATORS = ("PatchCore", "PatchSVDD", "PEDENet")
+_ESTIMATORS = ("PatchCore", "PatchSVDD", "PEDENet", "TiledDetector")
 
 __all__ = list(_ESTIMATORS) + ["__version__"]
 

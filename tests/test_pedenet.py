@@ -1,6 +1,5 @@
 """PEDENet: PE/DE/LP networks, numerically stable GMM energy, training, sklearn behaviour."""
 
-import math
 import pickle
 
 import numpy as np

@@ -3,5 +3,6 @@
 from .patchcore import PatchCore
 from .patchsvdd import PatchSVDD
 from .pedenet import PEDENet
+from .tiling import TiledDetector
 
-__all__ = ["PatchCore", "PatchSVDD", "PEDENet"]
+__all__ = ["PatchCore", "PatchSVDD", "PEDENet", "TiledDetector"]

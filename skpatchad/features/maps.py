@@ -160,3 +160,71 @@ def covering_mean(scores, patch_size, stride, out_size):
     pad = (0, out_size[1] - total.shape[-1], 0, out_size[0] - total.shape[-2])
     total, count = F.pad(total, pad), F.pad(count, pad)
     return (total / count.clamp_min(1.0))[:, 0]
+
+
+def tile_starts(length, tile, overlap):
+    """Start offsets of tiles of size ``tile`` covering ``[0, length)``.
+
+    Neighbouring tiles overlap by at least ``overlap * tile`` pixels (spread
+    evenly; the last tile ends at ``length``). One tile when the axis is not
+    longer than ``tile``.
+    """
+    if length <= tile:
+        return [0]
+    step = max(1, int(tile * (1.0 - overlap)))
+    n_tiles = int(np.ceil((length - tile) / step)) + 1
+    return [int(s) for s in np.round(np.linspace(0, length - tile, n_tiles))]
+
+
+def tile_boxes(size, tile, overlap):
+    """``(top, left, height, width)`` of the tiles covering an image of ``size`` (H, W)."""
+    tile_h, tile_w = min(tile[0], size[0]), min(tile[1], size[1])
+    return [(top, left, tile_h, tile_w)
+            for top in tile_starts(size[0], tile_h, overlap)
+            for left in tile_starts(size[1], tile_w, overlap)]
+
+
+def _blend_ramp(starts, index, tile):
+    """Weights along one axis of tile ``index``: linear ramps across its overlaps with the neighbours."""
+    position = np.arange(tile, dtype=np.float64) + 0.5
+    weight = np.ones(tile)
+    if index > 0:  # rises across the overlap with the previous tile
+        overlap = starts[index - 1] + tile - starts[index]
+        if overlap > 0:
+            weight *= np.clip(position / overlap, 0.0, 1.0)
+    if index + 1 < len(starts):  # falls across the overlap with the next tile
+        overlap = starts[index] + tile - starts[index + 1]
+        if overlap > 0:
+            weight *= np.clip((tile - position) / overlap, 0.0, 1.0)
+    return weight
+
+
+def stitch_tiles(tile_maps, boxes, size):
+    """Blend per-tile maps into one map of ``size`` without seams.
+
+    Each tile's map is weighted by a separable ramp that falls linearly to
+    (almost) zero across its overlap with each neighbour, and the weighted sum
+    is divided by the summed weights. Where two tiles overlap their weights
+    sum to one, so a field that the tiles agree on is reproduced exactly, and
+    a disagreement between tiles is spread across the whole overlap instead
+    of showing as a step at a tile border.
+
+    Parameters
+    ----------
+    tile_maps : list of ndarray (h_t, w_t)
+    boxes : list of (top, left, h_t, w_t), as from :func:`tile_boxes`
+    size : (int, int)
+
+    Returns
+    -------
+    ndarray of float32, shape ``size``
+    """
+    tops = sorted({box[0] for box in boxes})
+    lefts = sorted({box[1] for box in boxes})
+    total = np.zeros(size, dtype=np.float64)
+    weights = np.zeros(size, dtype=np.float64)
+    for tile_map, (top, left, height, width) in zip(tile_maps, boxes):
+        weight = np.outer(_blend_ramp(tops, tops.index(top), height), _blend_ramp(lefts, lefts.index(left), width))
+        total[top:top + height, left:left + width] += weight * tile_map
+        weights[top:top + height, left:left + width] += weight
+    return (total / weights).astype(np.float32)
