@@ -315,3 +315,17 @@ def test_pynndescent_recall_and_interface():
         approx.kneighbors(queries[:, :8], 1)
     clone = pickle.loads(pickle.dumps(approx))
     torch.testing.assert_close(clone.kneighbors(queries, 5), approx.kneighbors(queries, 5), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_search_close_to_float32(data, dtype):
+    bank, queries = data
+    exact_d, exact_i = NearestNeighbors().fit(bank).kneighbors(queries, 3)
+    half = NearestNeighbors(dtype=dtype).fit(bank)
+    distances, indices = half.kneighbors(queries, 3)
+    assert distances.dtype == torch.float32 and half._device_bank()[0].dtype == dtype
+    torch.testing.assert_close(distances, exact_d, rtol=0.03, atol=0.03)
+    # half-precision rounding may swap near ties, but the nearest is almost always the same
+    assert (indices[:, 0] == exact_i[:, 0]).float().mean() > 0.9
+    restored = pickle.loads(pickle.dumps(half))
+    torch.testing.assert_close(restored.kneighbors(queries, 3)[0], distances)

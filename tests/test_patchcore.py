@@ -381,3 +381,19 @@ def test_n_calibration_bounds_the_leave_one_out_images(sample, small_patchcore_p
     np.testing.assert_allclose(sub.train_scores_, full.train_scores_[[0, 3, 6, 9]], rtol=1e-6)
     with pytest.raises(ValueError, match="n_calibration"):
         PatchCore(n_calibration=0).fit(train.images[:2])
+
+
+def test_half_precision_backbone_and_knn_close_to_float32(sample, small_patchcore_params):
+    """bfloat16 (8-bit mantissa, the coarser half format) changes scores by a few percent at most."""
+    train, test = sample
+    reference = PatchCore(**small_patchcore_params).fit(train.images[:8])
+    half = PatchCore(**{**small_patchcore_params, "precision": "bfloat16"}).fit(train.images[:8])
+    assert next(half.backbone_.parameters()).dtype == torch.bfloat16
+    assert half.nn_index_._device_bank()[0].dtype == torch.bfloat16
+    scores, maps = half.score_samples_and_maps(test.images[:4])
+    ref_scores, ref_maps = reference.score_samples_and_maps(test.images[:4])
+    assert maps.dtype == np.float32 and np.isfinite(maps).all()
+    np.testing.assert_allclose(scores, ref_scores, rtol=0.1)
+    assert np.corrcoef(maps.ravel(), ref_maps.ravel())[0, 1] > 0.95
+    with pytest.raises(ValueError, match="precision"):
+        PatchCore(precision="int8").fit(train.images[:2])

@@ -280,7 +280,9 @@ class FeatureBackbone(nn.Module):
             for name in self.layers
         ]
         # channels-last is 3-7x faster for depthwise/1x1 convolutions on CPU (oneDNN)
-        images = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        # the buffers follow module.to(dtype): run in the weights' precision
+        images = ((images - self.mean) / self.std).to(self.mean.dtype)
+        images = images.contiguous(memory_format=torch.channels_last)
         try:
             self.model(images)
         except _StopForward:

@@ -48,6 +48,11 @@ class NearestNeighbors:
         Size of one query-by-bank block of distances in exact search.
     random_state : int or None
         Seed for pynndescent.
+    dtype : torch.dtype, default=torch.float32
+        Precision of the exact search's inner products: ``torch.float16`` or
+        ``torch.bfloat16`` halve the bank's memory and run on GPU tensor
+        cores (on most CPUs they are slower than float32). The norms and the
+        returned distances stay float32.
 
     Attributes
     ----------
@@ -55,13 +60,15 @@ class NearestNeighbors:
         Kept as numpy so the object pickles without device state.
     """
 
-    def __init__(self, method="exact", device="cpu", max_block_bytes=256 * 2**20, random_state=None):
+    def __init__(self, method="exact", device="cpu", max_block_bytes=256 * 2**20, random_state=None,
+                 dtype=torch.float32):
         if method not in _METHODS:
             raise ValueError("knn method must be one of %s, got %r" % (_METHODS, method))
         self.method = method
         self.device = torch.device(device)
         self.max_block_bytes = int(max_block_bytes)
         self.random_state = random_state
+        self.dtype = dtype
         self._cache = None
 
     def fit(self, bank):
@@ -90,7 +97,7 @@ class NearestNeighbors:
     def _device_bank(self):
         if self._cache is None:
             bank = _as_tensor(self.bank_, self.device)
-            self._cache = (bank, (bank * bank).sum(1))
+            self._cache = (bank.to(self.dtype), (bank * bank).sum(1).to(self.dtype))
         return self._cache
 
     def __getstate__(self):
@@ -101,6 +108,7 @@ class NearestNeighbors:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__.setdefault("dtype", torch.float32)  # pickled before dtype existed
         self.device = torch.device(self.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             self.device = torch.device("cpu")
@@ -158,13 +166,15 @@ class NearestNeighbors:
                     "query_groups and bank_groups need one entry per query (%d) and per bank "
                     "vector (%d), got %d and %d" % (len(queries), len(bank), len(query_groups), len(bank_groups))
                 )
+        q_sq_all = (queries * queries).sum(1, keepdim=True)
+        queries = queries.to(bank.dtype)
         n_query, n_bank = len(queries), len(bank)
         query_block, bank_block = _block_sizes(n_query, n_bank, k, self.max_block_bytes)
         out_dist = torch.empty(n_query, k, device=self.device)
         out_index = torch.empty(n_query, k, dtype=torch.long, device=self.device) if return_indices else None
         for q0 in range(0, n_query, query_block):
             q = queries[q0:q0 + query_block]
-            q_sq = (q * q).sum(1, keepdim=True)
+            q_sq = q_sq_all[q0:q0 + query_block]
             best_d = best_i = None
             for b0 in range(0, n_bank, bank_block):
                 # |b|^2 - 2 q.b ranks like the squared distance; |q|^2 is added to the
@@ -193,9 +203,9 @@ class NearestNeighbors:
             if not return_indices:
                 if best_d.shape[1] > 1:
                     best_d = torch.sort(best_d, dim=1).values
-                out_dist[q0:q0 + query_block] = best_d.add_(q_sq).clamp_min_(0).sqrt_()
+                out_dist[q0:q0 + query_block] = best_d.float().add_(q_sq).clamp_min_(0).sqrt_()
                 continue
             best_d, order = torch.sort(best_d, dim=1)
-            out_dist[q0:q0 + query_block] = best_d.add_(q_sq).clamp_min_(0).sqrt_()
+            out_dist[q0:q0 + query_block] = best_d.float().add_(q_sq).clamp_min_(0).sqrt_()
             out_index[q0:q0 + query_block] = torch.gather(best_i, 1, order)
         return out_dist, out_index
