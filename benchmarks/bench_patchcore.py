@@ -63,7 +63,8 @@ def run_one(args, coreset, seed):
         train.pop("images"), test.pop("images")  # the estimator reads the files batch by batch
     model = PatchCore(backbone=args.backbone, weights=args.weights, coreset=coreset,
                       image_size=args.image_size, crop_size=args.crop_size,
-                      batch_size=args.batch_size, random_state=seed, device=args.device)
+                      batch_size=args.batch_size, random_state=seed, device=args.device,
+                      precision=args.precision)
     rss_before = peak_rss_mb()
     tic = time.perf_counter()
     model.fit(X_train)
@@ -76,10 +77,12 @@ def run_one(args, coreset, seed):
     floor_ms = backbone_floor_ms(model, X_test)
     return dict(
         category=args.category, backbone=args.backbone, weights=str(args.weights), coreset=coreset,
+        precision=args.precision,
         seed=seed, image_size=args.image_size, from_files=bool(args.from_files), bank=len(model.memory_bank_),
         image_auroc=image_auroc(test.labels, -normality), pixel_auroc=pixel_auroc(test.masks, maps),
         pro=pro_score(test.masks, maps), fit_s=fit_s, features_s=model.fit_times_["features"],
         coreset_s=model.fit_times_["coreset"], calibration_s=model.fit_times_["calibration"],
+        bank_s=model.fit_times_["bank"],
         infer_ms=infer_ms, backbone_ms=floor_ms, infer_over_backbone=infer_ms / floor_ms,
         peak_rss_mb=peak, rss_before_fit_mb=rss_before, load_s=load_s, threads=args.threads,
     )
@@ -114,6 +117,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="random_state values")
     parser.add_argument("--from-files", action="store_true",
                         help="pass image file paths (decoded batch by batch) instead of arrays")

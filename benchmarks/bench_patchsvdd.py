@@ -10,15 +10,14 @@ and the training curve (losses against training time) for each variant.
 import argparse
 import json
 import os
-import resource
 import sys
-import time
 
 import torch
 
 from skpatchad import PatchSVDD
 from skpatchad.datasets import load_mvtec
-from skpatchad.metrics import image_auroc, pixel_auroc, pro_score
+
+from _common import fit_and_evaluate
 
 
 def main(argv=None):
@@ -38,19 +37,7 @@ def main(argv=None):
         params = dict(encoder=encoder, random_state=args.seed, knn=args.knn, verbose=1)
         if args.epochs is not None:
             params["epochs"] = args.epochs
-        model = PatchSVDD(**params)
-        tic = time.perf_counter()
-        model.fit(train.images)
-        fit_s = time.perf_counter() - tic
-        tic = time.perf_counter()
-        normality, maps = model.score_samples_and_maps(test.images)
-        infer_ms = 1000 * (time.perf_counter() - tic) / len(test.images)
-        row = dict(encoder=encoder, category=args.category, fit_s=round(fit_s, 1), infer_ms=round(infer_ms, 1),
-                   image_auroc=round(image_auroc(test.labels, -normality), 4),
-                   pixel_auroc=round(pixel_auroc(test.masks, maps), 4), pro=round(pro_score(test.masks, maps), 4),
-                   peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-                   params=model.get_params(), training_curve=[
-                       {k: round(float(v), 4) for k, v in c.items()} for c in model.training_curve_])
+        row = dict(encoder=encoder, category=args.category, **fit_and_evaluate(PatchSVDD(**params), train, test))
         print(json.dumps(row), flush=True)
 
 

@@ -1,0 +1,27 @@
+"""Shared by the benchmark scripts: fit one model, time it and score it on an MVTec-layout test split."""
+
+import resource
+import time
+
+from skpatchad.metrics import image_auroc, pixel_auroc, pro_score
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def fit_and_evaluate(model, train, test):
+    """Fit on ``train.images``, score ``test``; returns a dict of metrics, timings and the training curve."""
+    tic = time.perf_counter()
+    model.fit(train.images)
+    fit_s = time.perf_counter() - tic
+    tic = time.perf_counter()
+    normality, maps = model.score_samples_and_maps(test.images)
+    infer_ms = 1000 * (time.perf_counter() - tic) / len(test.images)
+    peak = peak_rss_mb()
+    return dict(fit_s=round(fit_s, 1), infer_ms=round(infer_ms, 1),
+                image_auroc=round(image_auroc(test.labels, -normality), 4),
+                pixel_auroc=round(pixel_auroc(test.masks, maps), 4), pro=round(pro_score(test.masks, maps), 4),
+                peak_rss_mb=round(peak), params=model.get_params(),
+                training_curve=[{k: round(float(v), 4) for k, v in c.items()}
+                                for c in getattr(model, "training_curve_", [])])
