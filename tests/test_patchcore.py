@@ -268,7 +268,7 @@ def test_unfitted_model_raises(sample):
         PatchCore().predict_map(sample[1].images)
 
 
-def test_offline_weights_error_explains_the_fix(monkeypatch):
+def test_offline_weights_error_explains_the_fix(monkeypatch, tmp_path):
     from urllib.error import URLError
 
     import torch.hub
@@ -276,10 +276,20 @@ def test_offline_weights_error_explains_the_fix(monkeypatch):
     def refuse(*args, **kwargs):
         raise URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    calls = []
+
+    def refuse_and_record(*args, **kwargs):
+        calls.append(args)
+        refuse()
+
+    # torchvision binds load_state_dict_from_url at import, so patch the download
+    # underneath it, and point the hub cache at an empty folder so no cached file is found
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse_and_record)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(RuntimeError, match="efficientnet_lite0") as info:
         PatchCore(backbone="resnet18", weights="DEFAULT").fit(np.zeros((2, 32, 32, 3), np.uint8))
     assert "weights=" in str(info.value)
+    assert calls, "the download was not attempted through torch.hub, so the patch did not intercept it"
 
 
 def test_local_state_dict_and_torchvision_backbone(tmp_path, sample):
