@@ -309,7 +309,13 @@ class PEDENet(PatchEmbeddingDetector):
 
     def _loss_terms(self, data, generator):
         """(energy, position, cov) losses of one step."""
-        z = self._embed(self._sample_patches(data, generator))
+        patches = self._sample_patches(data, generator)
+        first, second, label = self._sample_pairs(data, generator)
+        # one channels-last forward over the DE patches and both LP crop sets
+        # (the encoder has no batch statistics, so this is the same function;
+        # it is ~1.5x faster per step on CPU than three separate calls)
+        crops = torch.cat([patches, first, second]).contiguous(memory_format=torch.channels_last)
+        z, z_first, z_second = self._embed(crops).split([len(patches), len(first), len(second)])
         gamma = self.density_(z)
         # The mixture maths runs in float64: a 64x64 Cholesky in float32 loses
         # too many digits once a component gets thin, and it costs nothing here.
@@ -317,8 +323,7 @@ class PEDENet(PatchEmbeddingDetector):
         phi, mu, sigma = gmm_parameters(z64, gamma64)
         energy = gmm_energy(z64, phi, mu, sigma).mean()
         cov = covariance_penalty(sigma)
-        first, second, label = self._sample_pairs(data, generator)
-        position = F.cross_entropy(self.position_(self._embed(first), self._embed(second)), label)
+        position = F.cross_entropy(self.position_(z_first, z_second), label)
         return energy.float(), position, cov.float()
 
     def _train(self, data, generator):
@@ -328,6 +333,7 @@ class PEDENet(PatchEmbeddingDetector):
         self.training_curve_ = []
         start = time.perf_counter()
         networks.train()
+        self.encoder_.to(memory_format=torch.channels_last)
         for epoch in range(1, int(self.epochs) + 1):
             totals = np.zeros(4)
             for _ in range(steps):
@@ -343,6 +349,7 @@ class PEDENet(PatchEmbeddingDetector):
             self._log("epoch %d/%d  loss %.4f  energy %.3f  LP %.4f  cov %.3f  (%.0fs)" % (
                 epoch, self.epochs, record["loss"], record["energy"], record["position"], record["cov"],
                 record["seconds"]))
+        self.encoder_.to(memory_format=torch.contiguous_format)
         networks.eval()
 
     # ------------------------------------------------------------------ fit
