@@ -106,3 +106,19 @@ def test_tiled_detector_params_clone_and_pickle(tiled_data):
     np.testing.assert_array_equal(restored.predict_map(test[:2]), model.predict_map(test[:2]))
     with pytest.raises(ValueError, match="overlap"):
         clone(model).set_params(overlap=0.9).fit(train[:2])
+
+
+def test_grid_search_over_the_wrapped_detector_trains_on_normal_tiles(tiled_data):
+    from sklearn.model_selection import GridSearchCV
+
+    from skpatchad.metrics import pro_scorer
+    from skpatchad.model_selection import AnomalyStratifiedKFold
+
+    _, test, masks, labels = tiled_data
+    search = GridSearchCV(TiledDetector(PatchCore(image_size=96, random_state=0)),
+                          {"estimator__coreset": [0.1, 0.25]}, scoring=pro_scorer,
+                          cv=AnomalyStratifiedKFold(2)).fit(test, masks)
+    scores = search.cv_results_["mean_test_score"]
+    assert np.all(np.isfinite(scores)) and np.all(scores > 0.5)
+    # the refit saw the normal images only: 25 tiles of 96 pixels per 448x448 image
+    assert search.best_estimator_.estimator_.n_train_images_ == 25 * int(np.sum(labels == 0))
