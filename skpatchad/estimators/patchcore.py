@@ -228,7 +228,7 @@ class PatchCore(BaseAnomalyDetector):
         if stream.full is None:
             # only the projected copy was kept: one more backbone pass instead of O(N D) memory
             self._log("bank: gathering %d full embeddings in a second pass" % n_select)
-        bank = stream.gather(selected, self._embed(images, device) if stream.full is None else ())
+        bank = stream.gather(selected, self._embed(images, device))  # a lazy generator: runs only if needed
         self.memory_bank_ = bank.cpu().numpy()
         stream.drop_projection()
         times["bank"] = time.perf_counter() - tic
@@ -252,7 +252,10 @@ class PatchCore(BaseAnomalyDetector):
         return scores
 
     def _leave_one_out_scores(self, embeddings, image_ids):
-        """Score training images ``image_ids`` (embeddings (n, h, w, D)) against the bank without their own patches."""
+        """Score training images ``image_ids`` against the bank without their own patches.
+
+        ``embeddings`` (n, h, w, D) are those images' patch embeddings.
+        """
         if len(np.unique(self.bank_image_index_)) < 2:
             warnings.warn("the memory bank holds patches of a single image, so leave-one-image-out "
                           "calibration is impossible; offset_ uses in-sample scores (raise coreset)")

@@ -139,7 +139,12 @@ class StreamedEmbeddings:
         self.projected = None
 
     def gather(self, selected, batches):
-        """Full embeddings of the ``selected`` patches, in that order, from ``(start, embeddings)`` batches."""
+        """Full embeddings of the ``selected`` patches, in that order.
+
+        ``batches`` (an iterable of ``(start, embeddings)``, e.g. a lazy
+        generator re-running the backbone) is consumed only when the full
+        embeddings were not kept.
+        """
         if self.full is not None:
             return self.full.view(-1, self.dim)[torch.from_numpy(selected).to(self.full.device)]
         order = np.argsort(selected, kind="stable")
