@@ -1,13 +1,17 @@
 """PatchSVDD benchmark on an MVTec-AD-layout category (trained encoder and the paper's baselines).
 
 Prints image AUROC, pixel AUROC, PRO, fit seconds, ms per image, peak memory,
-and the training curve (losses against training time) for each variant.
+and the training curve (losses against training time) for each variant. With
+``--curve E1 E2 ...`` the trained encoder is also snapshotted after those
+epochs and each snapshot is evaluated (feature bank rebuilt, full test split),
+giving AUROC against training time from the one training run.
 
-    python benchmarks/bench_patchsvdd.py --root ../shared/data/mvtec_ad --category bottle \
-        --encoders trained random raw
+    python benchmarks/bench_patchsvdd.py --root ../shared/data/mvtec_ad --category bottle \\
+        --encoders trained random raw --curve 10 20 30
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -16,8 +20,37 @@ import torch
 
 from skpatchad import PatchSVDD
 from skpatchad.datasets import load_mvtec
+from skpatchad.features.preprocessing import iter_image_batches
 
-from _common import fit_and_evaluate
+from _common import evaluate, fit_and_evaluate
+
+
+class _SnapshottingPatchSVDD(PatchSVDD):
+    """PatchSVDD that keeps a copy of the encoder (and the elapsed training time) at chosen epochs."""
+
+    def _after_epoch(self, epoch):
+        if epoch in getattr(self, "snapshot_epochs", ()):
+            self.snapshots_[epoch] = (self.training_curve_[-1]["seconds"],
+                                      copy.deepcopy(self.encoder_.state_dict()))
+
+    def _fit_images(self, images):
+        self.snapshots_ = {}
+        return super()._fit_images(images)
+
+
+def training_curve(model, train, test):
+    """AUROC of each snapshot: the fitted model with that encoder and a rebuilt bank."""
+    data = torch.cat([b for _, b in iter_image_batches(train.images, model.geometry_, 16, "cpu")])
+    data = model._centre(data)
+    seed = 0
+    rows = []
+    for epoch, (seconds, state) in sorted(model.snapshots_.items()):
+        snapshot = copy.deepcopy(model)
+        snapshot.encoder_.load_state_dict(state)
+        snapshot._fit_bank(data, seed)
+        rows.append(dict(epoch=epoch, train_s=round(seconds, 1), **evaluate(snapshot, test)))
+        print(json.dumps(dict(curve_point=rows[-1])), flush=True)
+    return rows
 
 
 def main(argv=None):
@@ -26,19 +59,27 @@ def main(argv=None):
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--encoders", nargs="+", default=["trained", "random", "raw"])
     parser.add_argument("--epochs", type=int, default=None, help="override the default schedule")
+    parser.add_argument("--curve", type=int, nargs="*", default=[],
+                        help="epochs after which the trained encoder is evaluated")
     parser.add_argument("--knn", default="exact")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--params", default="{}", help="extra PatchSVDD parameters as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train = load_mvtec(args.root, args.category, "train")
     test = load_mvtec(args.root, args.category, "test")
     for encoder in args.encoders:
-        params = dict(encoder=encoder, random_state=args.seed, knn=args.knn, verbose=1)
+        params = dict(encoder=encoder, random_state=args.seed, knn=args.knn, verbose=1, **json.loads(args.params))
         if args.epochs is not None:
             params["epochs"] = args.epochs
-        row = dict(encoder=encoder, category=args.category, **fit_and_evaluate(PatchSVDD(**params), train, test))
+        model = _SnapshottingPatchSVDD(**params)
+        model.snapshot_epochs = set(args.curve) if encoder == "trained" else set()
+        row = dict(encoder=encoder, category=args.category, **fit_and_evaluate(model, train, test))
         print(json.dumps(row), flush=True)
+        if model.snapshots_:
+            curve = training_curve(model, train, test)
+            print(json.dumps(dict(encoder=encoder, auroc_curve=curve)), flush=True)
 
 
 if __name__ == "__main__":

@@ -138,3 +138,24 @@ def test_verbose_prints_each_epoch(sample, capsys):
     PatchSVDD(**{**FAST, "verbose": 1}).fit(sample[0].images[:4])
     out = capsys.readouterr().out
     assert "epoch 1/2" in out and "epoch 2/2" in out
+
+
+def test_subtract_mean_removes_what_all_images_share(sample):
+    """Raw patches of centred images: adding one fixed pattern to every image changes nothing."""
+    train, test = sample
+    rng = np.random.RandomState(0)
+    images = list(train.images[:6]) + list(test.images[:3])
+    to_float = [np.asarray(image, dtype=np.float32)[:128, :128] / 255.0 * 0.8 for image in images]
+    pattern = (0.2 * rng.rand(128, 128, 3)).astype(np.float32)
+    shifted = [image + pattern for image in to_float]
+    params = dict(FAST, encoder="raw", n_calibration=2)
+    plain = PatchSVDD(**params).fit(to_float[:6])
+    moved = PatchSVDD(**params).fit(shifted[:6])
+    np.testing.assert_allclose(moved.mean_image_, plain.mean_image_ + pattern.transpose(2, 0, 1), atol=1e-5)
+    np.testing.assert_allclose(moved.predict_map(shifted[6:]), plain.predict_map(to_float[6:]), rtol=1e-3, atol=1e-4)
+    # without centring the shared pattern is part of every patch and the maps change
+    plain = PatchSVDD(subtract_mean=False, **params).fit(to_float[:6])
+    moved = PatchSVDD(subtract_mean=False, **params).fit(shifted[:6])
+    assert np.abs(moved.predict_map(shifted[6:]) - plain.predict_map(to_float[6:])).max() > 1e-2
+    # the user's float arrays are read, never centred in place
+    np.testing.assert_array_equal(shifted[0], to_float[0] + pattern)

@@ -176,19 +176,33 @@ class PatchEmbeddingDetector(BaseAnomalyDetector):
 
         Returns ``(seed, generator, data)``: an int seed derived from
         ``random_state``, a torch generator for patch sampling, and the
-        normalised (N, 3, S, S) training tensor.
+        centred (N, 3, S, S) training tensor (see :meth:`_centre`).
         """
         self._check_params()
         seed = int(np.random.RandomState(self.random_state).randint(2**31 - 1))
         generator = torch.Generator().manual_seed(seed)
         self.device_ = resolve_device(self.device)
         self.geometry_ = ImageGeometry(self.image_size)
-        return seed, generator, self._load(images, self.device_)
+        batches = [batch for _, batch in iter_image_batches(images, self.geometry_, 16, self.device_)]
+        data = torch.cat(batches)
+        if self.subtract_mean:
+            self.mean_image_ = data.mean(0).cpu().numpy()
+        else:
+            self.mean_image_ = np.full((3, 1, 1), 0.5, dtype=np.float32)
+        return seed, generator, self._centre(data)
 
-    def _load(self, images, device):
-        """All images as one normalised (N, 3, S, S) tensor in [-1, 1]."""
-        batches = [batch for _, batch in iter_image_batches(images, self.geometry_, 16, device)]
-        return torch.cat(batches).sub_(0.5).div_(0.5).contiguous()
+    def _centre(self, batch):
+        """Network input: images in [0, 1] minus ``mean_image_``.
+
+        With ``subtract_mean`` the mean is the per-pixel mean of the resized
+        training images, as in the reference Patch SVDD code, which feeds
+        ``(x - mean_image) / 255``: what all normal images share (an aligned
+        object's shape, a texture's colour) is removed, so the patch encoders
+        describe deviations from it. Otherwise the mean is mid-grey.
+        """
+        mean = torch.as_tensor(self.mean_image_, device=batch.device)
+        # out of place: a float batch at the input size can be a view of the user's array
+        return (batch - mean).contiguous()
 
     def _calibration_images(self, n_images, seed):
         """Sorted indices of the training images scored leave-one-image-out for ``offset_``."""
@@ -216,5 +230,5 @@ class PatchEmbeddingDetector(BaseAnomalyDetector):
             if model is not None:
                 model.to(device)
         for start, batch in iter_image_batches(images, self.geometry_, 8, device):
-            scores, maps = self._score_batch(batch.sub(0.5).div(0.5))
+            scores, maps = self._score_batch(self._centre(batch))
             yield start, scores.cpu().numpy(), maps

@@ -27,7 +27,8 @@ from torch import nn
 
 from ..features.knn import NearestNeighbors
 from ..features.maps import covering_mean
-from ..features.patch_encoders import NEIGHBOUR_OFFSETS, HierarchicalPatchEncoder, PEDENetSmallEncoder, PositionClassifier
+from ..features.patch_encoders import (NEIGHBOUR_OFFSETS, HierarchicalPatchEncoder, PEDENetSmallEncoder,
+                                       PositionClassifier, perturb_colours)
 from ._base import PatchEmbeddingDetector
 
 _SCORES = ("nn", "energy")
@@ -169,6 +170,11 @@ class PEDENet(PatchEmbeddingDetector):
     learning_rate : float, default=1e-4
         Adam (paper).
     image_size : int, default=256
+    subtract_mean : bool, default=True
+        Subtract the per-pixel mean of the resized training images from every
+        input, as the reference Patch SVDD code does (``(x - mean) / 255``),
+        so that the encoder sees deviations from what all normal images share;
+        False subtracts mid-grey only. The mean image is ``mean_image_``.
     n_calibration : int, default=16
         Training images scored leave-one-image-out to set ``offset_``.
     score : {"nn", "energy"}, default="nn"
@@ -197,6 +203,8 @@ class PEDENet(PatchEmbeddingDetector):
         Trainable parameters of PE + DE + LP.
     training_curve_ : list of dict
         Per epoch: epoch, seconds, mean loss terms (energy, position, cov, loss).
+    mean_image_ : ndarray of shape (3, image_size, image_size) or (3, 1, 1)
+        Subtracted from every resized input image.
     offset_ : float
 
     Examples
@@ -211,7 +219,7 @@ class PEDENet(PatchEmbeddingDetector):
 
     def __init__(self, n_components=4, lambda_energy=0.1, lambda_position=1.0, lambda_cov=0.005,
                  embedding_dim=64, patch_size=72, stride=8, epochs=30, patches_per_image=10, batch_size=128,
-                 learning_rate=1e-4, image_size=256, n_calibration=16, score="nn",
+                 learning_rate=1e-4, image_size=256, subtract_mean=True, n_calibration=16, score="nn",
                  knn="exact", contamination="auto", device="auto", random_state=None, verbose=0):
         self.n_components = n_components
         self.lambda_energy = lambda_energy
@@ -225,6 +233,7 @@ class PEDENet(PatchEmbeddingDetector):
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.image_size = image_size
+        self.subtract_mean = subtract_mean
         self.n_calibration = n_calibration
         self.score = score
         self.knn = knn
@@ -302,9 +311,7 @@ class PEDENet(PatchEmbeddingDetector):
                              for i, (a, b) in zip(image_index, first_corner.tolist())])
         second = torch.stack([data[i, :, a:a + patch, b:b + patch]
                               for i, (a, b) in zip(image_index, second_corner.tolist())])
-        # random per-patch colour shifts: colour cannot give the position away
-        first = first + 0.2 * (torch.rand(batch, 3, 1, 1, generator=generator) - 0.5).to(first.device)
-        second = second + 0.2 * (torch.rand(batch, 3, 1, 1, generator=generator) - 0.5).to(first.device)
+        first, second = perturb_colours(first, generator), perturb_colours(second, generator)
         return first, second, label.to(first.device)
 
     def _loss_terms(self, data, generator):

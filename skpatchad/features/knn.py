@@ -14,6 +14,8 @@ _METHODS = ("exact", "pynndescent")
 # stops in local minima (recall ~0.6 on 16-d Gaussian data). Searching at least
 # as many neighbours as the graph degree and keeping the first k fixes that.
 _PYNNDESCENT_MIN_SEARCH_K = 30
+_CPU_BLOCK_BYTES = 2 * 2**20  # fits a core's L2 cache
+_GPU_BLOCK_BYTES = 256 * 2**20
 
 
 def _as_tensor(array, device):
@@ -44,8 +46,11 @@ class NearestNeighbors:
         ``"exact"``: chunked brute force in torch (CPU or CUDA). ``"pynndescent"``:
         approximate graph search (CPU; ~20 s of numba compilation per new process).
     device : str or torch.device, default="cpu"
-    max_block_bytes : int, default=256 MiB
-        Size of one query-by-bank block of distances in exact search.
+    max_block_bytes : int or None, default=None
+        Size of one query-by-bank block of distances in exact search. None:
+        2 MiB on CPU, where a block that stays in the L2 cache makes the search
+        about twice as fast as large blocks (measured: 2.5 s against 5.8 s for
+        3,249 queries in a 679,041 x 64 bank on two cores); 256 MiB on CUDA.
     random_state : int or None
         Seed for pynndescent.
     dtype : torch.dtype, default=torch.float32
@@ -60,13 +65,13 @@ class NearestNeighbors:
         Kept as numpy so the object pickles without device state.
     """
 
-    def __init__(self, method="exact", device="cpu", max_block_bytes=256 * 2**20, random_state=None,
+    def __init__(self, method="exact", device="cpu", max_block_bytes=None, random_state=None,
                  dtype=torch.float32):
         if method not in _METHODS:
             raise ValueError("knn method must be one of %s, got %r" % (_METHODS, method))
         self.method = method
         self.device = torch.device(device)
-        self.max_block_bytes = int(max_block_bytes)
+        self.max_block_bytes = None if max_block_bytes is None else int(max_block_bytes)
         self.random_state = random_state
         self.dtype = dtype
         self._cache = None
@@ -169,7 +174,10 @@ class NearestNeighbors:
         q_sq_all = (queries * queries).sum(1, keepdim=True)
         queries = queries.to(bank.dtype)
         n_query, n_bank = len(queries), len(bank)
-        query_block, bank_block = _block_sizes(n_query, n_bank, k, self.max_block_bytes)
+        block_bytes = self.max_block_bytes
+        if block_bytes is None:
+            block_bytes = _CPU_BLOCK_BYTES if self.device.type == "cpu" else _GPU_BLOCK_BYTES
+        query_block, bank_block = _block_sizes(n_query, n_bank, k, block_bytes)
         out_dist = torch.empty(n_query, k, device=self.device)
         out_index = torch.empty(n_query, k, dtype=torch.long, device=self.device) if return_indices else None
         for q0 in range(0, n_query, query_block):

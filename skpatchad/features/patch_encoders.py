@@ -107,6 +107,19 @@ class HierarchicalPatchEncoder(nn.Module):
 NEIGHBOUR_OFFSETS = torch.tensor([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
 
 
+def perturb_colours(patches, generator, scale=0.02):
+    """Random RGB shift per patch plus per-pixel noise, both Gaussian with ``scale``.
+
+    Applied to the two crops of the relative-position task so that colour
+    gradients cannot give their position away. The scale (in [0, 1] intensity
+    units) is the reference Patch SVDD code's.
+    """
+    batch = patches.shape[0]
+    shift = torch.randn(batch, patches.shape[1], 1, 1, generator=generator)
+    noise = torch.randn(patches.shape, generator=generator)
+    return patches + scale * (shift + noise).to(patches.device)
+
+
 class PositionClassifier(nn.Module):
     """MLP on the difference of two patch features -> which of the 8 neighbours (logits)."""
 
