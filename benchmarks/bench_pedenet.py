@@ -28,12 +28,13 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=None, help="override the default schedule")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--params", default="{}", help="extra PEDENet parameters as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train = load_mvtec(args.root, args.category, "train")
     test = load_mvtec(args.root, args.category, "test")
     for score in args.scores:
-        params = dict(score=score, random_state=args.seed, verbose=1)
+        params = dict(score=score, random_state=args.seed, verbose=1, **json.loads(args.params))
         if args.epochs is not None:
             params["epochs"] = args.epochs
         model = PEDENet(**params)

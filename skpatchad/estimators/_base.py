@@ -22,9 +22,15 @@ from sklearn.utils.validation import check_is_fitted
 
 from ..features._device import TorchImageEstimatorMixin, resolve_device, runtime_device
 from ..features.maps import grid_to_maps, stack_if_same_size
+from ..features.patch_encoders import COLOUR_NOISE, perturb_colours
 from ..features.preprocessing import ImageGeometry, iter_image_batches
 from ..metrics import labels_from_y
 from ..utils import check_images, image_sizes, select_images
+
+
+# Centred training images varying less than this (e.g. a single training image)
+# are not scaled up further.
+_MIN_INPUT_SPREAD = 1e-3
 
 
 class BaseAnomalyDetector(TorchImageEstimatorMixin, OutlierMixin, BaseEstimator):
@@ -189,20 +195,30 @@ class PatchEmbeddingDetector(BaseAnomalyDetector):
             self.mean_image_ = data.mean(0).cpu().numpy()
         else:
             self.mean_image_ = np.full((3, 1, 1), 0.5, dtype=np.float32)
+        spread = float((data - torch.as_tensor(self.mean_image_, device=data.device)).std())
+        self.input_scale_ = 1.0 / max(spread, _MIN_INPUT_SPREAD)
         return seed, generator, self._centre(data)
 
     def _centre(self, batch):
-        """Network input: images in [0, 1] minus ``mean_image_``.
+        """Network input: ``(images in [0, 1] - mean_image_) * input_scale_``.
 
         With ``subtract_mean`` the mean is the per-pixel mean of the resized
         training images, as in the reference Patch SVDD code, which feeds
         ``(x - mean_image) / 255``: what all normal images share (an aligned
         object's shape, a texture's colour) is removed, so the patch encoders
-        describe deviations from it. Otherwise the mean is mid-grey.
+        describe deviations from it. Otherwise the mean is mid-grey. The
+        centred training images are then scaled to unit standard deviation:
+        centred aligned objects vary little (MVTec bottle: std 0.042 in [0, 1]
+        units, textures far more), and with inputs that small the encoders,
+        whose biases then dominate, learn several times slower per step.
         """
         mean = torch.as_tensor(self.mean_image_, device=batch.device)
         # out of place: a float batch at the input size can be a view of the user's array
-        return (batch - mean).contiguous()
+        return ((batch - mean) * self.input_scale_).contiguous()
+
+    def _perturb(self, patches, generator):
+        """Colour perturbation of relative-position crops, in [0, 1] intensity units."""
+        return perturb_colours(patches, generator, scale=COLOUR_NOISE * self.input_scale_)
 
     def _calibration_images(self, n_images, seed):
         """Sorted indices of the training images scored leave-one-image-out for ``offset_``."""

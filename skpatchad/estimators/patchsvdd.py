@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..features.knn import NearestNeighbors
 from ..features.maps import covering_mean
 from ..features.patch_encoders import (NEIGHBOUR_OFFSETS, HierarchicalPatchEncoder, PositionClassifier,
-                                       SmallPatchEncoder, perturb_colours)
+                                       SmallPatchEncoder)
 from ._base import PatchEmbeddingDetector
 
 _ENCODERS = ("trained", "random", "raw")
@@ -166,7 +166,7 @@ class PatchSVDD(PatchEmbeddingDetector):
         first = torch.stack([data[i, :, a:a + patch, b:b + patch] for i, a, b in zip(image_index, y, x)])
         second = torch.stack([data[i, :, a:a + patch, b:b + patch] for i, a, b in zip(image_index, y2, x2)])
         if neighbours:
-            first, second = perturb_colours(first, generator), perturb_colours(second, generator)
+            first, second = self._perturb(first, generator), self._perturb(second, generator)
             label = label.to(first.device)
         return first, second, label
 

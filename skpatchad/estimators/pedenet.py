@@ -28,7 +28,7 @@ from torch import nn
 from ..features.knn import NearestNeighbors
 from ..features.maps import covering_mean
 from ..features.patch_encoders import (NEIGHBOUR_OFFSETS, HierarchicalPatchEncoder, PEDENetSmallEncoder,
-                                       PositionClassifier, perturb_colours)
+                                       PositionClassifier)
 from ._base import PatchEmbeddingDetector
 
 _SCORES = ("nn", "energy")
@@ -311,7 +311,7 @@ class PEDENet(PatchEmbeddingDetector):
                              for i, (a, b) in zip(image_index, first_corner.tolist())])
         second = torch.stack([data[i, :, a:a + patch, b:b + patch]
                               for i, (a, b) in zip(image_index, second_corner.tolist())])
-        first, second = perturb_colours(first, generator), perturb_colours(second, generator)
+        first, second = self._perturb(first, generator), self._perturb(second, generator)
         return first, second, label.to(first.device)
 
     def _loss_terms(self, data, generator):

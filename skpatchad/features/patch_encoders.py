@@ -107,12 +107,16 @@ class HierarchicalPatchEncoder(nn.Module):
 NEIGHBOUR_OFFSETS = torch.tensor([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
 
 
-def perturb_colours(patches, generator, scale=0.02):
+# Standard deviation of the colour shift and pixel noise of relative-position
+# crops in [0, 1] intensity units (the reference Patch SVDD code's 0.02).
+COLOUR_NOISE = 0.02
+
+
+def perturb_colours(patches, generator, scale=COLOUR_NOISE):
     """Random RGB shift per patch plus per-pixel noise, both Gaussian with ``scale``.
 
     Applied to the two crops of the relative-position task so that colour
-    gradients cannot give their position away. The scale (in [0, 1] intensity
-    units) is the reference Patch SVDD code's.
+    gradients cannot give their position away.
     """
     batch = patches.shape[0]
     shift = torch.randn(batch, patches.shape[1], 1, 1, generator=generator)
