@@ -128,6 +128,7 @@ def test_grid_search_over_lambda_and_dimension(sample):
 @pytest.mark.parametrize("params, message", [
     ({"encoder": "vgg"}, "encoder"), ({"patch_size": 48}, "patch_size"), ({"lambda_svdd": -1}, "lambda_svdd"),
     ({"stride_small": 3}, "even"), ({"embedding_dim": 0}, "embedding_dim"),
+    ({"schedule": "gpu"}, "schedule"), ({"width": 0}, "width"), ({"epochs": -1}, "epochs"),
 ])
 def test_invalid_parameters(sample, params, message):
     with pytest.raises(ValueError, match=message):
@@ -164,3 +165,15 @@ def test_subtract_mean_removes_what_all_images_share(sample):
     assert np.abs(moved.predict_map(shifted[6:]) - reference).max() > 1e-2 * reference.max()
     # the user's float arrays are read, never centred in place
     np.testing.assert_array_equal(shifted[0], to_float[0] + pattern)
+
+
+def test_schedule_sets_the_parameters_left_at_none(sample):
+    train = sample[0]
+    small = dict(image_size=128, patch_size=32, stride_big=16, stride_small=8, n_calibration=2, random_state=0)
+    model = PatchSVDD(schedule="paper", epochs=0, **small).fit(train.images[:2])
+    assert model.schedule_ == dict(width=64, epochs=0, patches_per_image=100, batch_size=64)
+    assert model.encoder_.small.net[0].out_channels == 64
+    assert model.get_params()["width"] is None  # parameters stay as given
+    model = PatchSVDD(epochs=1, batch_size=4, **small).fit(train.images[:2])
+    assert model.schedule_ == dict(width=32, epochs=1, patches_per_image=10, batch_size=4)
+    assert len(model.training_curve_) == 1

@@ -15,6 +15,13 @@ from ..features.patch_encoders import (NEIGHBOUR_OFFSETS, HierarchicalPatchEncod
 from ._base import PatchEmbeddingDetector
 
 _ENCODERS = ("trained", "random", "raw")
+EPOCHS_CPU = 40
+# Values of width, epochs, patches_per_image and batch_size left at None.
+SCHEDULES = {
+    "cpu": dict(width=32, epochs=EPOCHS_CPU, patches_per_image=10, batch_size=32),
+    # the reference implementation's: 100 crops per image and task per epoch, batches of 64
+    "paper": dict(width=64, epochs=300, patches_per_image=100, batch_size=64),
+}
 
 
 class PatchSVDD(PatchEmbeddingDetector):
@@ -44,18 +51,23 @@ class PatchSVDD(PatchEmbeddingDetector):
     encoder : {"trained", "random", "raw"}, default="trained"
         The paper's method, or its two baselines: a randomly initialised
         encoder (no training) and raw patches (f(p) = p, flattened pixels).
-    width : int, default=32
-        Base filter count of the small encoder (the paper's code uses 64; 32
-        is 4x cheaper on CPU).
-    epochs : int, default=80
+    schedule : {"cpu", "paper"}, default="cpu"
+        Training schedule the four parameters below default to. "cpu":
+        ``width=32, epochs=40, patches_per_image=10, batch_size=32``,
+        which fits MVTec bottle (209 images, 256x256) within 20 minutes on two
+        CPU cores. "paper": the reference code's ``width=64, epochs=300,
+        patches_per_image=100, batch_size=64`` (about 190x more steps; use a
+        GPU, which ``device="auto"`` picks).
+    width : int or None, default=None
+        Base filter count of the small encoder (None: from ``schedule``).
+    epochs : int or None, default=None
         Training epochs of ``ceil(n_images * patches_per_image / batch_size)``
         Adam steps; each step draws one batch per task (SVDD', position) and
-        scale. Defaults fit MVTec bottle (209 images) in about 15 minutes on
-        two CPU cores. The paper's schedule is ``epochs=300,
-        patches_per_image=100, batch_size=64, width=64`` (use a GPU).
-    patches_per_image : int, default=10
-        Samples drawn per training image per epoch.
-    batch_size : int, default=32
+        scale. None: from ``schedule``.
+    patches_per_image : int or None, default=None
+        Samples drawn per training image per epoch (None: from ``schedule``).
+    batch_size : int or None, default=None
+        Crop pairs per task and scale in each step (None: from ``schedule``).
     learning_rate : float, default=1e-4
         Adam.
     image_size : int, default=256
@@ -77,6 +89,8 @@ class PatchSVDD(PatchEmbeddingDetector):
     Attributes
     ----------
     encoder_ : HierarchicalPatchEncoder or None
+    schedule_ : dict
+        The width, epochs, patches_per_image and batch_size used.
     training_curve_ : list of dict
         Per epoch: epoch, seconds, mean losses.
     mean_image_ : ndarray of shape (3, image_size, image_size) or (3, 1, 1)
@@ -92,7 +106,8 @@ class PatchSVDD(PatchEmbeddingDetector):
     """
 
     def __init__(self, lambda_svdd=1e-3, embedding_dim=64, patch_size=64, stride_big=16, stride_small=4,
-                 encoder="trained", width=32, epochs=80, patches_per_image=10, batch_size=32, learning_rate=1e-4,
+                 encoder="trained", schedule="cpu", width=None, epochs=None, patches_per_image=None, batch_size=None,
+                 learning_rate=1e-4,
                  image_size=256, subtract_mean=True,
                  n_calibration=16, knn="exact", contamination="auto", device="auto", random_state=None,
                  verbose=0):
@@ -102,6 +117,7 @@ class PatchSVDD(PatchEmbeddingDetector):
         self.stride_big = stride_big
         self.stride_small = stride_small
         self.encoder = encoder
+        self.schedule = schedule
         self.width = width
         self.epochs = epochs
         self.patches_per_image = patches_per_image
@@ -124,13 +140,18 @@ class PatchSVDD(PatchEmbeddingDetector):
             raise ValueError("patch_size must be 32 or 64, got %r" % (self.patch_size,))
         if not self.lambda_svdd >= 0:
             raise ValueError("lambda_svdd must be >= 0, got %r" % (self.lambda_svdd,))
-        for name in ("embedding_dim", "stride_big", "stride_small", "width", "batch_size", "n_calibration",
-                     "patches_per_image"):
-            value = getattr(self, name)
-            if int(value) != value or value < 1:
+        if self.schedule not in SCHEDULES:
+            raise ValueError("schedule must be one of %s, got %r" % (tuple(SCHEDULES), self.schedule))
+        self.schedule_ = {name: default if getattr(self, name) is None else getattr(self, name)
+                          for name, default in SCHEDULES[self.schedule].items()}
+        values = dict(self.schedule_, embedding_dim=self.embedding_dim, stride_big=self.stride_big,
+                      stride_small=self.stride_small, n_calibration=self.n_calibration)
+        for name, value in values.items():
+            if name == "epochs":
+                if int(value) != value or value < 0:
+                    raise ValueError("epochs must be a non-negative integer, got %r" % (value,))
+            elif int(value) != value or value < 1:
                 raise ValueError("%s must be a positive integer, got %r" % (name, value))
-        if int(self.epochs) != self.epochs or self.epochs < 0:
-            raise ValueError("epochs must be a non-negative integer, got %r" % (self.epochs,))
         if self.image_size < self.patch_size:
             raise ValueError("image_size must be at least patch_size")
         small = self.patch_size // 2
@@ -142,7 +163,7 @@ class PatchSVDD(PatchEmbeddingDetector):
     # --------------------------------------------------------------- training
     def _sample_pairs(self, data, patch, generator, neighbours):
         """Crops for one task at one scale: (first, second, labels)."""
-        batch = min(self.batch_size, len(data))
+        batch = min(self.schedule_["batch_size"], len(data))
         size = data.shape[-1]
         image_index = torch.randint(len(data), (batch,), generator=generator)
         if neighbours:
@@ -175,14 +196,15 @@ class PatchSVDD(PatchEmbeddingDetector):
         classifiers = torch.nn.ModuleList([PositionClassifier(self.embedding_dim) for _ in range(2)]).to(data.device)
         optimizer = torch.optim.Adam(list(big.parameters()) + list(classifiers.parameters()), lr=self.learning_rate)
         # the paper's data pipeline draws ``patches_per_image`` samples per image per epoch
-        steps = max(1, math.ceil(len(data) * self.patches_per_image / self.batch_size))
+        epochs, batch_size = int(self.schedule_["epochs"]), self.schedule_["batch_size"]
+        steps = max(1, math.ceil(len(data) * self.schedule_["patches_per_image"] / batch_size))
         scales = [(big, self.patch_size, classifiers[0]),
                   (lambda p: small(p).flatten(1), self.patch_size // 2, classifiers[1])]
         self.training_curve_ = []
         start = time.perf_counter()
         big.train()
         big.to(memory_format=torch.channels_last)
-        for epoch in range(1, int(self.epochs) + 1):
+        for epoch in range(1, epochs + 1):
             totals = np.zeros(2)
             for _ in range(steps):
                 loss = 0.0
@@ -205,7 +227,7 @@ class PatchSVDD(PatchEmbeddingDetector):
                           svdd=totals[0] / (2 * steps), ssl=totals[1] / (2 * steps))
             self.training_curve_.append(record)
             self._log("epoch %d/%d  L_SVDD' %.4f  L_SSL %.4f  (%.0fs)" % (
-                epoch, self.epochs, record["svdd"], record["ssl"], record["seconds"]))
+                epoch, epochs, record["svdd"], record["ssl"], record["seconds"]))
             self._after_epoch(epoch)
         big.to(memory_format=torch.contiguous_format)
         big.eval()
@@ -222,9 +244,9 @@ class PatchSVDD(PatchEmbeddingDetector):
             self.encoder_ = None
         else:
             torch.manual_seed(int(seed))  # weight initialisation
-            small = SmallPatchEncoder(self.embedding_dim, self.patch_size // 2, self.width)
+            small = SmallPatchEncoder(self.embedding_dim, self.patch_size // 2, int(self.schedule_["width"]))
             self.encoder_ = HierarchicalPatchEncoder(small, self.embedding_dim).to(device)
-            if self.encoder == "trained" and self.epochs > 0:
+            if self.encoder == "trained" and self.schedule_["epochs"] > 0:
                 self._train(data, generator)
         for parameter in (self.encoder_.parameters() if self.encoder_ is not None else []):
             parameter.requires_grad_(False)
