@@ -71,11 +71,14 @@ class PatchSVDD(PatchEmbeddingDetector):
     learning_rate : float, default=1e-4
         Adam.
     image_size : int, default=256
-    subtract_mean : bool, default=True
+    subtract_mean : bool, default=False
         Subtract the per-pixel mean of the resized training images from every
         input, as the reference Patch SVDD code does (``(x - mean) / 255``),
-        so that the encoder sees deviations from what all normal images share;
-        False subtracts mid-grey only. The mean image is ``mean_image_``.
+        instead of mid-grey; the mean image is ``mean_image_``. Off by default:
+        with the CPU schedule it lowered MVTec bottle to image / pixel AUROC
+        0.922 / 0.888 (40 epochs), the reference schedule is 190x longer.
+        Either way the centred training images are scaled to unit standard
+        deviation.
     n_calibration : int, default=16
         Training images scored leave-one-image-out to set ``offset_``.
     knn : {"exact", "pynndescent"}, default="exact"
@@ -108,7 +111,7 @@ class PatchSVDD(PatchEmbeddingDetector):
     def __init__(self, lambda_svdd=1e-3, embedding_dim=64, patch_size=64, stride_big=16, stride_small=4,
                  encoder="trained", schedule="cpu", width=None, epochs=None, patches_per_image=None, batch_size=None,
                  learning_rate=1e-4,
-                 image_size=256, subtract_mean=True,
+                 image_size=256, subtract_mean=False,
                  n_calibration=16, knn="exact", contamination="auto", device="auto", random_state=None,
                  verbose=0):
         self.lambda_svdd = lambda_svdd
