@@ -150,8 +150,8 @@ def test_subtract_mean_removes_what_all_images_share(sample):
     pattern = (0.2 * rng.rand(128, 128, 3)).astype(np.float32)
     shifted = [image + pattern for image in to_float]
     params = dict(FAST, encoder="raw", n_calibration=2)
-    plain = PatchSVDD(**params).fit(to_float[:6])
-    moved = PatchSVDD(**params).fit(shifted[:6])
+    plain = PatchSVDD(subtract_mean=True, **params).fit(to_float[:6])
+    moved = PatchSVDD(subtract_mean=True, **params).fit(shifted[:6])
     np.testing.assert_allclose(moved.mean_image_, plain.mean_image_ + pattern.transpose(2, 0, 1), atol=1e-5)
     # centred training images are scaled to unit standard deviation
     centred = np.stack(to_float[:6]).transpose(0, 3, 1, 2) - plain.mean_image_
