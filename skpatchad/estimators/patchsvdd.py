@@ -98,6 +98,8 @@ class PatchSVDD(PatchEmbeddingDetector):
         Per epoch: epoch, seconds, mean losses.
     mean_image_ : ndarray of shape (3, image_size, image_size) or (3, 1, 1)
         Subtracted from every resized input image.
+    input_scale_ : float
+        Then multiplied in: 1 / standard deviation of the centred training images.
     offset_ : float
 
     Examples

@@ -207,6 +207,8 @@ class PEDENet(PatchEmbeddingDetector):
         Per epoch: epoch, seconds, mean loss terms (energy, position, cov, loss).
     mean_image_ : ndarray of shape (3, image_size, image_size) or (3, 1, 1)
         Subtracted from every resized input image.
+    input_scale_ : float
+        Then multiplied in: 1 / standard deviation of the centred training images.
     offset_ : float
 
     Examples
