@@ -329,3 +329,54 @@ def test_half_precision_search_close_to_float32(data, dtype):
     assert (indices[:, 0] == exact_i[:, 0]).float().mean() > 0.9
     restored = pickle.loads(pickle.dumps(half))
     torch.testing.assert_close(restored.kneighbors(queries, 3)[0], distances)
+
+
+def _patch_like(n, dim, rng):
+    """Correlated vectors (smooth 1-D signals), where a few components hold most of the variance."""
+    base = rng.randn(n, 8) @ rng.randn(8, dim)
+    return (base + 0.3 * rng.randn(n, dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["patch_like", "white"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_pruned_search_is_exact(kind, grouped):
+    rng = np.random.RandomState(0)
+    make = _patch_like if kind == "patch_like" else (lambda n, d, r: r.randn(n, d).astype(np.float32))
+    bank, queries = make(3000, 96, rng), make(200, 96, rng)
+    groups = (rng.randint(0, 5, len(queries)), rng.randint(0, 5, len(bank))) if grouped else (None, None)
+    index = NearestNeighbors("exact", pruning_dim=8, random_state=0).fit(bank)
+    assert index.pruning_["reduced_bank"].shape == (3000, 9)
+    d, i = index.kneighbors(queries, 1, *groups)
+    d_only = index.kneighbors(queries, 1, *groups, return_indices=False)
+    full = np.sqrt(((queries[:, None, :] - bank[None]) ** 2).sum(-1))
+    if grouped:
+        full[groups[0][:, None] == groups[1][None]] = np.inf
+    np.testing.assert_array_equal(i[:, 0].numpy(), full.argmin(1))
+    np.testing.assert_allclose(d[:, 0].numpy(), full.min(1), rtol=1e-5)
+    np.testing.assert_allclose(d_only.numpy(), d.numpy())
+    # k > 1 falls back to brute force and still agrees
+    d3, _ = index.kneighbors(queries, 3, *groups)
+    np.testing.assert_allclose(d3.numpy(), np.sort(full, 1)[:, :3], rtol=1e-5)
+
+
+def test_pruning_bound_never_exceeds_the_distance():
+    from skpatchad.features.knn import _reduce
+    rng = np.random.RandomState(1)
+    bank = _patch_like(500, 64, rng)
+    index = NearestNeighbors("exact", pruning_dim=4).fit(bank)
+    mean, components = (torch.from_numpy(index.pruning_[k]) for k in ("mean", "components"))
+    a, b = torch.from_numpy(bank[:250]), torch.from_numpy(bank[250:])
+    torch.testing.assert_close(_reduce(a, mean, components), torch.from_numpy(index.pruning_["reduced_bank"][:250]))
+    bound = (_reduce(a, mean, components) - _reduce(b, mean, components)).norm(dim=1)
+    assert (bound <= (a - b).norm(dim=1) * (1 + 1e-5)).all()
+    assert (bound >= 0.5 * (a - b).norm(dim=1)).float().mean() > 0.5  # and is not trivially small on such data
+
+
+def test_pruned_index_pickles():
+    rng = np.random.RandomState(2)
+    bank = _patch_like(800, 48, rng)
+    index = NearestNeighbors("exact", pruning_dim=6).fit(bank)
+    index.kneighbors(bank[:5], 1)
+    clone = pickle.loads(pickle.dumps(index))
+    assert clone._pruning_cache is None
+    torch.testing.assert_close(clone.kneighbors(bank[:50], 1)[0], index.kneighbors(bank[:50], 1)[0])

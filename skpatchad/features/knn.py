@@ -18,6 +18,47 @@ _CPU_BLOCK_BYTES = 2 * 2**20  # fits a core's L2 cache
 _GPU_BLOCK_BYTES = 256 * 2**20
 
 
+# Lower-bound pruning (``pruning_dim``): candidates compared exactly per query,
+# the bytes of one block of gathered candidates, and the relative margin that
+# keeps float32 rounding of the bounds from accepting a wrong candidate.
+_PRUNING_CANDIDATES = 32
+_RERANK_BLOCK_BYTES = 64 * 2**20
+_PRUNING_MARGIN = 1e-3
+_PRUNING_SAMPLE = 10000
+
+
+def _reduce(x, mean, components):
+    """(n, r + 1): coordinates on the principal components plus the residual's norm.
+
+    For any two vectors the distance between their reduced forms is at most
+    their true distance (Pythagoras on the components' span and its
+    complement, then the reverse triangle inequality for the residuals).
+    """
+    centred = x - mean
+    projected = centred @ components.T
+    residual = ((centred * centred).sum(1) - (projected * projected).sum(1)).clamp_min(0).sqrt()
+    return torch.cat([projected, residual[:, None]], 1)
+
+
+def _fit_pruning(bank, dim, random_state):
+    rng = np.random.RandomState(random_state)
+    sample = bank if len(bank) <= _PRUNING_SAMPLE else bank[np.sort(rng.choice(len(bank), _PRUNING_SAMPLE, False))]
+    mean = torch.from_numpy(sample.mean(0, dtype=np.float64).astype(np.float32))
+    # Randomised SVD: the bound holds for any orthonormal basis, so approximate
+    # principal axes only cost pruning power, never exactness; a full
+    # eigendecomposition of a 12,288-d covariance (raw 64x64 patches) takes minutes.
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0 if random_state is None else int(random_state) % 2**31)
+    try:
+        _, _, vectors = torch.svd_lowrank(torch.from_numpy(sample) - mean, q=min(dim + 8, *sample.shape), niter=3)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    components = torch.linalg.qr(vectors[:, :dim])[0].T.contiguous()  # re-orthonormalised
+    reduced = torch.cat([_reduce(torch.from_numpy(bank[i:i + 65536]), mean, components)
+                         for i in range(0, len(bank), 65536)])
+    return dict(mean=mean.numpy(), components=components.numpy(), reduced_bank=reduced.numpy())
+
+
 def _as_tensor(array, device):
     if isinstance(array, torch.Tensor):
         return array.to(device=device, dtype=torch.float32)
@@ -58,15 +99,29 @@ class NearestNeighbors:
         ``torch.bfloat16`` halve the bank's memory and run on GPU tensor
         cores (on most CPUs they are slower than float32). The norms and the
         returned distances stay float32.
+    pruning_dim : int or None, default=None
+        For high-dimensional banks (e.g. raw pixel patches), exact 1-NN search
+        that prunes with a lower bound instead of brute force: the bank is
+        projected on its first ``pruning_dim`` principal components plus one
+        coordinate for the norm of the residual, where distances never exceed
+        the true ones; the ``_PRUNING_CANDIDATES`` nearest in that space are
+        compared exactly, and a query whose best exact distance is not below
+        every other bank vector's bound is searched by brute force. The
+        result is exact (up to float rounding) whatever the data; how fast
+        depends on how much of the variance the components hold. Used for
+        ``n_neighbors=1`` on CPU or CUDA; other searches are brute force.
 
     Attributes
     ----------
     bank_ : ndarray of shape (n_bank, n_features), float32
         Kept as numpy so the object pickles without device state.
+    pruning_ : dict of ndarray or None
+        With ``pruning_dim``: ``mean``, ``components`` (pruning_dim, n_features)
+        and ``reduced_bank`` (n_bank, pruning_dim + 1).
     """
 
     def __init__(self, method="exact", device="cpu", max_block_bytes=None, random_state=None,
-                 dtype=torch.float32):
+                 dtype=torch.float32, pruning_dim=None):
         if method not in _METHODS:
             raise ValueError("knn method must be one of %s, got %r" % (_METHODS, method))
         self.method = method
@@ -74,14 +129,18 @@ class NearestNeighbors:
         self.max_block_bytes = None if max_block_bytes is None else int(max_block_bytes)
         self.random_state = random_state
         self.dtype = dtype
-        self._cache = None
+        self.pruning_dim = None if pruning_dim is None else int(pruning_dim)
+        self._cache = self._pruning_cache = None
 
     def fit(self, bank):
         bank = bank.detach().cpu().numpy() if isinstance(bank, torch.Tensor) else np.asarray(bank)
         if bank.ndim != 2 or len(bank) == 0:
             raise ValueError("the bank must be a non-empty 2-D array, got shape %s" % (bank.shape,))
         self.bank_ = np.ascontiguousarray(bank, dtype=np.float32)
-        self._cache = None
+        self._cache = self._pruning_cache = None
+        self.pruning_ = None
+        if self.pruning_dim is not None and self.method == "exact" and self.pruning_dim < bank.shape[1]:
+            self.pruning_ = _fit_pruning(self.bank_, self.pruning_dim, self.random_state)
         if self.method == "pynndescent":
             from pynndescent import NNDescent
 
@@ -96,24 +155,38 @@ class NearestNeighbors:
         device = torch.device(device)
         if device != self.device:
             self.device = device
-            self._cache = None
+            self._cache = self._pruning_cache = None
         return self
 
     def _device_bank(self):
         if self._cache is None:
             bank = _as_tensor(self.bank_, self.device)
-            self._cache = (bank.to(self.dtype), (bank * bank).sum(1).to(self.dtype))
+            # squared norms in slices: a full ``bank * bank`` temporary doubles a large bank's memory
+            norms = torch.cat([(part * part).sum(1) for part in bank.split(65536)])
+            self._cache = (bank.to(self.dtype), norms.to(self.dtype))
         return self._cache
+
+    def _device_pruning(self):
+        return (_as_tensor(self.pruning_["mean"], self.device), _as_tensor(self.pruning_["components"], self.device))
+
+    def _device_reduced_bank(self):
+        if self._pruning_cache is None:
+            reduced = _as_tensor(self.pruning_["reduced_bank"], self.device)
+            self._pruning_cache = (reduced, (reduced * reduced).sum(1))
+        return self._pruning_cache
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_cache"] = None
+        state["_pruning_cache"] = None
         state["device"] = str(self.device)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.__dict__.setdefault("dtype", torch.float32)  # pickled before dtype existed
+        self.__dict__.setdefault("pruning_dim", None)
+        self.__dict__.setdefault("pruning_", None)
         self.device = torch.device(self.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             self.device = torch.device("cpu")
@@ -162,8 +235,7 @@ class NearestNeighbors:
         queries = _as_tensor(queries, self.device)
         if queries.dim() != 2 or queries.shape[1] != bank.shape[1]:
             raise ValueError("queries must have shape (n, %d), got %s" % (bank.shape[1], tuple(queries.shape)))
-        exclude = query_groups is not None
-        if exclude:
+        if query_groups is not None:
             query_groups = torch.as_tensor(np.asarray(query_groups), device=self.device).view(-1)
             bank_groups = torch.as_tensor(np.asarray(bank_groups), device=self.device).view(-1)
             if len(query_groups) != len(queries) or len(bank_groups) != len(bank):
@@ -171,6 +243,37 @@ class NearestNeighbors:
                     "query_groups and bank_groups need one entry per query (%d) and per bank "
                     "vector (%d), got %d and %d" % (len(queries), len(bank), len(query_groups), len(bank_groups))
                 )
+        if k == 1 and self.pruning_ is not None and len(queries):
+            return self._pruned(queries, query_groups, bank_groups, return_indices)
+        return self._brute(bank, bank_sq, queries, k, query_groups, bank_groups, return_indices)
+
+    def _pruned(self, queries, query_groups, bank_groups, return_indices):
+        """Exact 1-NN: candidates by the lower bound, brute force where it does not decide."""
+        bank = self._device_bank()[0]
+        reduced_bank, reduced_sq = self._device_reduced_bank()
+        reduced = _reduce(queries, *self._device_pruning())
+        n_candidates = min(_PRUNING_CANDIDATES, len(bank))
+        bound, candidates = self._brute(reduced_bank, reduced_sq, reduced, n_candidates,
+                                        query_groups, bank_groups, True)
+        best = torch.empty(len(queries), 1, device=self.device)
+        best_index = torch.empty(len(queries), 1, dtype=torch.long, device=self.device)
+        rows = max(1, _RERANK_BLOCK_BYTES // (4 * n_candidates * bank.shape[1]))
+        for q0 in range(0, len(queries), rows):
+            chosen = candidates[q0:q0 + rows]
+            exact = (bank[chosen] - queries[q0:q0 + rows, None, :]).norm(dim=2)
+            exact.masked_fill_(torch.isinf(bound[q0:q0 + rows]), float("inf"))  # excluded groups
+            best[q0:q0 + rows], position = exact.min(dim=1, keepdim=True)
+            best_index[q0:q0 + rows] = torch.gather(chosen, 1, position)
+        # every other bank vector is at least bound[:, -1] away (less a rounding margin)
+        undecided = (best[:, 0] > bound[:, -1] * (1.0 - _PRUNING_MARGIN)).nonzero()[:, 0]
+        if n_candidates < len(bank) and len(undecided):
+            groups = (None, None) if query_groups is None else (query_groups[undecided], bank_groups)
+            d, i = self._brute(bank, self._device_bank()[1], queries[undecided], 1, *groups, True)
+            best[undecided], best_index[undecided] = d, i
+        return best, (best_index if return_indices else None)
+
+    def _brute(self, bank, bank_sq, queries, k, query_groups, bank_groups, return_indices):
+        exclude = query_groups is not None
         q_sq_all = (queries * queries).sum(1, keepdim=True)
         queries = queries.to(bank.dtype)
         n_query, n_bank = len(queries), len(bank)
