@@ -10,7 +10,8 @@ from sklearn.model_selection import GridSearchCV
 
 from skpatchad import PatchSVDD
 from skpatchad.features.maps import covering_mean
-from skpatchad.features.patch_encoders import HierarchicalPatchEncoder, PositionClassifier, SmallPatchEncoder
+from skpatchad.features.patch_encoders import (NEIGHBOUR_OFFSETS, HierarchicalPatchEncoder, PEDENetSmallEncoder,
+                                              PositionClassifier, SmallPatchEncoder, neighbour_pair_corners)
 from skpatchad.metrics import image_auroc, pixel_auroc_scorer
 from skpatchad.model_selection import AnomalyStratifiedKFold
 
@@ -45,6 +46,44 @@ def test_dense_features_equal_patchwise_features():
         torch.testing.assert_close(encoder(patch)[0], big_map[0, :, y, x], rtol=1e-4, atol=1e-5)
         sub = image[:, :, 2 * y:2 * y + 32, 2 * x:2 * x + 32]
         torch.testing.assert_close(encoder.small(sub)[0, :, 0, 0], small_map[0, :, y, x], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("spacing, low, high", [("reference", 48, 63), ("jittered", 56, 72)])
+def test_neighbour_pairs_lie_in_the_labelled_direction_inside_the_image(spacing, low, high):
+    generator = torch.Generator().manual_seed(0)
+    label = torch.arange(8).repeat(500)
+    first, second = neighbour_pair_corners(label, 64, 256, generator, spacing)
+    assert first.min() >= 0 and second.min() >= 0 and max(first.max(), second.max()) <= 256 - 64
+    offset, direction = second - first, NEIGHBOUR_OFFSETS[label]
+    displaced = direction != 0
+    assert torch.equal(torch.sign(offset[displaced]), direction[displaced])
+    assert offset[displaced].abs().min() == low and offset[displaced].abs().max() == high
+    if spacing == "reference":
+        assert (offset[~displaced] == 0).all()  # the reference code moves along displaced axes only
+    # every part of the image can hold the first crop, also next to the borders
+    assert first.min() == 0 and first.max() == 256 - 64
+    with pytest.raises(ValueError, match="too small"):
+        neighbour_pair_corners(label, 64, 100, generator, spacing)
+
+
+def test_svdd_pairs_are_shifted_by_a_small_non_zero_jitter(sample):
+    model = PatchSVDD(**FAST)
+    model.schedule_ = {"batch_size": 4000}
+    data = torch.arange(64.0 * 64).view(1, 1, 64, 64).expand(4000, 3, 64, 64)  # pixel value = 64 y + x
+    first, second, label = model._sample_pairs(data, 32, torch.Generator().manual_seed(0), neighbours=False)
+    shift = second[:, 0, 0, 0] - first[:, 0, 0, 0]
+    dy, dx = torch.round(shift / 64), shift - 64 * torch.round(shift / 64)
+    assert label is None and (shift != 0).all()
+    assert set(zip(dy.tolist(), dx.tolist())) == {(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)} - {(0, 0)}
+
+
+@pytest.mark.parametrize("make", [lambda: HierarchicalPatchEncoder(SmallPatchEncoder(64, 32, 32), 64),
+                                  lambda: HierarchicalPatchEncoder(PEDENetSmallEncoder(64), 64)])
+def test_initial_features_depend_on_the_input(make):
+    # PyTorch's default initialisation made these deep stacks near-constant (spatial std ~1e-4)
+    torch.manual_seed(0)
+    big, small = make().dense(torch.randn(2, 3, 160, 160))
+    assert big.std(dim=(0, 2, 3)).mean() > 0.05 and small.std(dim=(0, 2, 3)).mean() > 0.05
 
 
 def test_position_classifier_uses_the_feature_difference():

@@ -10,12 +10,14 @@ import torch.nn.functional as F
 
 from ..features.knn import NearestNeighbors
 from ..features.maps import covering_mean
-from ..features.patch_encoders import (NEIGHBOUR_OFFSETS, HierarchicalPatchEncoder, PositionClassifier,
-                                       SmallPatchEncoder)
+from ..features.patch_encoders import (HierarchicalPatchEncoder, PositionClassifier, SmallPatchEncoder,
+                                       neighbour_pair_corners, pair_corners)
 from ._base import PatchEmbeddingDetector
 
 _ENCODERS = ("trained", "random", "raw")
 EPOCHS_CPU = 40
+# Principal components of the lower bound that prunes the raw-patch baseline's exact search.
+_RAW_PRUNING_DIM = 64
 # Values of width, epochs, patches_per_image and batch_size left at None.
 SCHEDULES = {
     "cpu": dict(width=32, epochs=EPOCHS_CPU, patches_per_image=10, batch_size=32),
@@ -167,28 +169,30 @@ class PatchSVDD(PatchEmbeddingDetector):
 
     # --------------------------------------------------------------- training
     def _sample_pairs(self, data, patch, generator, neighbours):
-        """Crops for one task at one scale: (first, second, labels)."""
+        """Crops for one task at one scale: (first, second, labels).
+
+        As in the reference code: SVDD' pairs are a patch and the same patch
+        shifted by a non-zero jitter of at most K/32 pixels per axis; position
+        pairs are a patch and its neighbour ``3K/4 + U[0, K/4)`` away along
+        each displaced axis (see :func:`neighbour_pair_corners`).
+        """
         batch = min(self.schedule_["batch_size"], len(data))
         size = data.shape[-1]
         image_index = torch.randint(len(data), (batch,), generator=generator)
         if neighbours:
-            gap = patch // 8  # neighbour offset = K +- K/8 along each axis
-            low, high = patch + gap, size - 2 * patch - gap
-            if high < low:
-                raise ValueError("image_size %d is too small for the 3x3 grid of %d-pixel patches" % (size, patch))
-            y = torch.randint(low, high + 1, (batch,), generator=generator)
-            x = torch.randint(low, high + 1, (batch,), generator=generator)
             label = torch.randint(8, (batch,), generator=generator)
-            jitter = torch.randint(-gap, gap + 1, (batch, 2), generator=generator)
-            y2 = y + NEIGHBOUR_OFFSETS[label, 0] * patch + jitter[:, 0]
-            x2 = x + NEIGHBOUR_OFFSETS[label, 1] * patch + jitter[:, 1]
+            first, second = neighbour_pair_corners(label, patch, size, generator, "reference")
         else:
-            jit = max(1, patch // 32)  # "jittered by a few pixels"
-            y = torch.randint(jit, size - patch - jit + 1, (batch,), generator=generator)
-            x = torch.randint(jit, size - patch - jit + 1, (batch,), generator=generator)
-            y2 = y + torch.randint(-jit, jit + 1, (batch,), generator=generator)
-            x2 = x + torch.randint(-jit, jit + 1, (batch,), generator=generator)
+            jit = max(1, patch // 32)
+            # one of the (2 jit + 1)^2 - 1 non-zero shifts, uniformly
+            side = 2 * jit + 1
+            code = torch.randint(side * side - 1, (batch,), generator=generator)
+            code = code + (code >= side * side // 2).long()  # skip the zero shift
+            shift = torch.stack([code // side, code % side], 1) - jit
+            first, second = pair_corners(shift, patch, size, generator)
             label = None
+        y, x = first.unbind(1)
+        y2, x2 = second.unbind(1)
         first = torch.stack([data[i, :, a:a + patch, b:b + patch] for i, a, b in zip(image_index, y, x)])
         second = torch.stack([data[i, :, a:a + patch, b:b + patch] for i, a, b in zip(image_index, y2, x2)])
         if neighbours:
@@ -260,13 +264,19 @@ class PatchSVDD(PatchEmbeddingDetector):
     def _fit_bank(self, data, seed):
         """Training-patch features -> kNN indexes; returns calibration scores."""
         device = self.device_
-        features = [self._dense_features(data[i:i + 8]) for i in range(0, len(data), 8)]
-        big = torch.cat([f[0] for f in features])
-        small = torch.cat([f[1] for f in features])
+        big = small = None
+        for i in range(0, len(data), 8):
+            big_part, small_part = self._dense_features(data[i:i + 8])
+            if big is None:  # filled in place: raw-patch banks are gigabytes, a list + cat doubles that
+                big = big_part.new_empty((len(data),) + big_part.shape[1:])
+                small = small_part.new_empty((len(data),) + small_part.shape[1:])
+            big[i:i + 8], small[i:i + 8] = big_part, small_part
         self.grid_shapes_ = (tuple(big.shape[1:3]), tuple(small.shape[1:3]))
         self.nn_indexes_ = []
+        # raw patches (3,072 and 12,288 values) are searched exactly with lower-bound pruning
+        pruning_dim = _RAW_PRUNING_DIM if self.encoder_ is None else None
         for feats in (big, small):
-            index = NearestNeighbors(self.knn, device=device, random_state=int(seed))
+            index = NearestNeighbors(self.knn, device=device, random_state=int(seed), pruning_dim=pruning_dim)
             self.nn_indexes_.append(index.fit(feats.reshape(-1, feats.shape[-1])))
 
         # leave-one-image-out scores of a few training images set the threshold

@@ -27,8 +27,8 @@ from torch import nn
 
 from ..features.knn import NearestNeighbors
 from ..features.maps import covering_mean
-from ..features.patch_encoders import (NEIGHBOUR_OFFSETS, HierarchicalPatchEncoder, PEDENetSmallEncoder,
-                                       PositionClassifier)
+from ..features.patch_encoders import (HierarchicalPatchEncoder, PEDENetSmallEncoder, PositionClassifier,
+                                       neighbour_pair_corners)
 from ._base import PatchEmbeddingDetector
 
 _SCORES = ("nn", "energy")
@@ -302,15 +302,9 @@ class PEDENet(PatchEmbeddingDetector):
         patches (plus jitter) across instead of three.
         """
         patch, size, batch = self.patch_size, data.shape[-1], self._position_pairs()
-        gap = patch // 8
         image_index = torch.randint(len(data), (batch,), generator=generator)
         label = torch.randint(8, (batch,), generator=generator)
-        offset = NEIGHBOUR_OFFSETS[label] * patch + torch.randint(-gap, gap + 1, (batch, 2), generator=generator)
-        # centre range per axis so that both crops lie inside [0, size - patch]
-        low = (-offset).clamp_min(0)
-        high = (size - patch) - offset.clamp_min(0)
-        first_corner = low + (torch.rand(batch, 2, generator=generator) * (high - low + 1)).long()
-        second_corner = first_corner + offset
+        first_corner, second_corner = neighbour_pair_corners(label, patch, size, generator, "jittered")
         first = torch.stack([data[i, :, a:a + patch, b:b + patch]
                              for i, (a, b) in zip(image_index, first_corner.tolist())])
         second = torch.stack([data[i, :, a:a + patch, b:b + patch]
