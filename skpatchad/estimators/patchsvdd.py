@@ -78,7 +78,9 @@ class PatchSVDD(PatchEmbeddingDetector):
         input, as the reference Patch SVDD code does (``(x - mean) / 255``),
         instead of mid-grey; the mean image is ``mean_image_``. Off by default:
         with the CPU schedule it lowered MVTec bottle to image / pixel AUROC
-        0.922 / 0.888 (40 epochs), the reference schedule is 190x longer.
+        0.922 / 0.888 (40 epochs, measured with PyTorch's default
+        initialisation, before He initialisation); the reference schedule is
+        190x longer.
         Either way the centred training images are scaled to unit standard
         deviation.
     n_calibration : int, default=16
