@@ -191,10 +191,11 @@ def test_energy_score(sample, fitted):
     scores, maps = model.score_samples_and_maps(test.images)
     assert maps.shape == test.masks.shape and np.isfinite(maps).all() and np.isfinite(scores).all()
     # the patch scores are the energies of the fitted mixture, averaged over covering patches
-    feats = model._dense_features(torch.rand(1, 3, 128, 128) * 2 - 1)
+    feats, no_small = model._dense_features(torch.rand(1, 3, 128, 128) * 2 - 1)
+    assert no_small is None
     params = [torch.from_numpy(a) for a in (model.gmm_weights_, model.gmm_means_, model.gmm_covariances_)]
     energy = gmm_energy(feats.reshape(-1, 64).double(), *params).float().reshape(1, *model.grid_shape_)
-    image_score, energy_map = model._scores_from_features(feats, None)
+    image_score, energy_map = model._scores_from_features(feats, None, None)
     torch.testing.assert_close(energy_map, covering_mean(energy, 36, 4, (128, 128)))
     assert image_score[0] == energy_map.max()
     assert not np.allclose(maps, fitted.predict_map(test.images))
@@ -248,3 +249,40 @@ def test_verbose_prints_each_epoch(sample, capsys):
     PEDENet(**{**FAST, "epochs": 2, "verbose": 1}).fit(sample[0].images[:4])
     out = capsys.readouterr().out
     assert "epoch 1/2" in out and "epoch 2/2" in out
+
+
+def test_stride_small_multiplies_the_sub_patch_map(sample):
+    train, test = sample
+    model = PEDENet(**{**FAST, "image_size": 160, "patch_size": 72, "stride": 8, "stride_small": 4}).fit(
+        train.images[:6])
+    n_small = (160 - 36) // 4 + 1
+    assert model.small_nn_index_.bank_.shape == (6 * n_small * n_small, 64)
+    single = clone(model).set_params(stride_small=None).fit(train.images[:6])
+    assert single.small_nn_index_ is None
+    # the map is the 72-pixel NN map times the 36-pixel one, each a mean over covering patches
+    batch = torch.rand(2, 3, 160, 160) * 2 - 1
+    big, small = model._dense_features(batch)
+    assert small.shape == (2, n_small, n_small, 64)
+
+    def nn_map(feats, bank, patch, stride):
+        dist = torch.cdist(feats.reshape(-1, 64), torch.as_tensor(bank)).min(1).values
+        return covering_mean(dist.reshape(feats.shape[:3]), patch, stride, (160, 160))
+
+    expected = nn_map(big, model.nn_index_.bank_, 72, 8) * nn_map(small, model.small_nn_index_.bank_, 36, 4)
+    image_score, anomaly_map = model._score_batch(batch)
+    torch.testing.assert_close(anomaly_map, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(image_score, anomaly_map.flatten(1).max(1).values)
+    # pickles with both indexes
+    reloaded = pickle.loads(pickle.dumps(model))
+    np.testing.assert_array_equal(reloaded.predict_map(test.images[:2]), model.predict_map(test.images[:2]))
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"stride_small": 4}, "patch_size=72"),
+    ({"patch_size": 72, "image_size": 160, "stride": 8, "stride_small": 4, "score": "energy"}, "score='nn'"),
+    ({"patch_size": 72, "image_size": 160, "stride": 8, "stride_small": 3}, "even"),
+    ({"patch_size": 72, "image_size": 160, "stride": 8, "stride_small": 6}, "stride_small"),
+])
+def test_invalid_stride_small(sample, params, message):
+    with pytest.raises(ValueError, match=message):
+        PEDENet(**{**FAST, **params}).fit(sample[0].images[:2])

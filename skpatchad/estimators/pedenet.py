@@ -154,6 +154,12 @@ class PEDENet(PatchEmbeddingDetector):
     stride : int, default=8
         Inference stride of the patch grid; even, and dividing
         ``image_size - patch_size``.
+    stride_small : int or None, default=None
+        None: maps from the ``patch_size`` embeddings alone. An even int
+        (e.g. 4): also embed every 36-pixel sub-patch at this stride, score it
+        against the sub-patch embeddings of the training images, and multiply
+        the two maps, as Patch SVDD combines its two scales. Only with
+        ``patch_size=72`` and ``score="nn"``.
     epochs : int, default=30
         Training epochs of ``ceil(n_images * patches_per_image / batch_size)``
         Adam steps. The paper's batch sizes and learning rate are the
@@ -222,7 +228,7 @@ class PEDENet(PatchEmbeddingDetector):
     """
 
     def __init__(self, n_components=4, lambda_energy=0.1, lambda_position=1.0, lambda_cov=0.005,
-                 embedding_dim=64, patch_size=72, stride=8, epochs=30, patches_per_image=10, batch_size=128,
+                 embedding_dim=64, patch_size=72, stride=8, stride_small=None, epochs=30, patches_per_image=10, batch_size=128,
                  learning_rate=1e-4, image_size=256, subtract_mean=False, n_calibration=16, score="nn",
                  knn="exact", contamination="auto", device="auto", random_state=None, verbose=0):
         self.n_components = n_components
@@ -232,6 +238,7 @@ class PEDENet(PatchEmbeddingDetector):
         self.embedding_dim = embedding_dim
         self.patch_size = patch_size
         self.stride = stride
+        self.stride_small = stride_small
         self.epochs = epochs
         self.patches_per_image = patches_per_image
         self.batch_size = batch_size
@@ -272,6 +279,15 @@ class PEDENet(PatchEmbeddingDetector):
             raise ValueError("stride must be even (the dense encoder map has stride 2)")
         if (self.image_size - self.patch_size) % self.stride:
             raise ValueError("(image_size - patch_size) must be divisible by stride")
+        if self.stride_small is not None:
+            small = _PATCH_SIZES[0]
+            if self.patch_size == small or self.score != "nn":
+                raise ValueError("stride_small needs patch_size=%d and score='nn'" % _PATCH_SIZES[1])
+            if int(self.stride_small) != self.stride_small or self.stride_small < 2 or self.stride_small % 2:
+                raise ValueError("stride_small must be an even positive integer or None, got %r"
+                                 % (self.stride_small,))
+            if (self.image_size - small) % self.stride_small:
+                raise ValueError("(image_size - %d) must be divisible by stride_small" % small)
 
     def _embed(self, patches):
         """(B, 3, K, K) patches -> (B, D) embeddings at the chosen scale."""
@@ -376,10 +392,17 @@ class PEDENet(PatchEmbeddingDetector):
             for parameter in net.parameters():
                 parameter.requires_grad_(False)
 
-        features = torch.cat([self._dense_features(data[i:i + 8]) for i in range(0, len(data), 8)])
+        parts = [self._dense_features(data[i:i + 8]) for i in range(0, len(data), 8)]
+        features = torch.cat([big for big, _ in parts])
+        small_features = None if self.stride_small is None else torch.cat([small for _, small in parts])
+        del parts
         self.grid_shape_ = tuple(features.shape[1:3])
         bank = features.reshape(-1, dim)
         self.nn_index_ = NearestNeighbors(self.knn, device=device, random_state=int(seed)).fit(bank)
+        self.small_nn_index_ = None
+        if small_features is not None:
+            self.small_nn_index_ = NearestNeighbors(self.knn, device=device, random_state=int(seed)).fit(
+                small_features.reshape(-1, dim))
         # the final mixture: E-step by the trained DE network, M-step on all training embeddings
         with torch.inference_mode():
             phi, mu, sigma = gmm_parameters(bank.double(), self.density_(bank).double())
@@ -389,20 +412,27 @@ class PEDENet(PatchEmbeddingDetector):
         # leave-one-image-out scores of a few training images set the threshold
         chosen = self._calibration_images(len(data), seed)
         if len(data) == 1:  # nothing to leave out against: score the image against itself
-            return self._scores_from_features(features[:1], None)[0].cpu().numpy()
-        return self._scores_from_features(features[chosen], chosen)[0].cpu().numpy()
+            chosen = None
+        pick = slice(0, 1) if chosen is None else chosen
+        small_chosen = None if small_features is None else small_features[pick]
+        return self._scores_from_features(features[pick], small_chosen, chosen)[0].cpu().numpy()
 
     # --------------------------------------------------------------- scoring
     @torch.inference_mode()
     def _dense_features(self, batch):
-        """(B, n, n, D) embeddings of every ``patch_size`` patch at ``stride``."""
+        """(B, n, n, D) embeddings of every ``patch_size`` patch at ``stride``, and
+        (B, m, m, D) of every sub-patch at ``stride_small`` (None without it)."""
         big_map, small_map = self.encoder_.dense(batch)
         feature_map = big_map if self.patch_size == self.encoder_.patch_size else small_map
         step = self.stride // self.encoder_.small.stride
-        return feature_map[:, :, ::step, ::step].permute(0, 2, 3, 1).contiguous()
+        features = feature_map[:, :, ::step, ::step].permute(0, 2, 3, 1).contiguous()
+        if self.stride_small is None:
+            return features, None
+        step = self.stride_small // self.encoder_.small.stride
+        return features, small_map[:, :, ::step, ::step].permute(0, 2, 3, 1).contiguous()
 
     @torch.inference_mode()
-    def _scores_from_features(self, feats, image_ids):
+    def _scores_from_features(self, feats, small_feats, image_ids):
         """Image scores and (B, S, S) maps; image_ids excludes each image's own patches."""
         batch, n_h, n_w, dim = feats.shape
         flat = feats.reshape(-1, dim)
@@ -414,10 +444,14 @@ class PEDENet(PatchEmbeddingDetector):
             scores = self._nearest_distances(self.nn_index_, feats, image_ids)
         scores = scores.reshape(batch, n_h, n_w)
         anomaly_map = covering_mean(scores, self.patch_size, self.stride, self.geometry_.input_size)
+        if small_feats is not None:
+            small_scores = self._nearest_distances(self.small_nn_index_, small_feats, image_ids)
+            anomaly_map = anomaly_map * covering_mean(small_scores, _PATCH_SIZES[0], self.stride_small,
+                                                      self.geometry_.input_size)
         return anomaly_map.flatten(1).max(1).values, anomaly_map
 
     def _models(self):
-        return [self.encoder_, self.nn_index_]
+        return [self.encoder_, self.nn_index_, getattr(self, "small_nn_index_", None)]
 
     def _score_batch(self, batch):
-        return self._scores_from_features(self._dense_features(batch), None)
+        return self._scores_from_features(*self._dense_features(batch), None)
