@@ -86,6 +86,19 @@ def test_initial_features_depend_on_the_input(make):
     assert big.std(dim=(0, 2, 3)).mean() > 0.05 and small.std(dim=(0, 2, 3)).mean() > 0.05
 
 
+def test_default_initialisation_is_pytorchs_own():
+    torch.manual_seed(0)
+    encoder = PEDENetSmallEncoder(64, init="default")
+    torch.manual_seed(0)
+    reference = [torch.nn.Conv2d(a, b, 3, stride=2 if i == 0 else 1)
+                 for i, (a, b) in enumerate(zip([3, 32, 64, 128, 128, 64, 64, 32, 32],
+                                                [32, 64, 128, 128, 64, 64, 32, 32, 64]))]
+    convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias) for a, b in zip(convs, reference))
+    with pytest.raises(ValueError, match="init"):
+        SmallPatchEncoder(64, 32, 8, init="xavier")
+
+
 def test_position_classifier_uses_the_feature_difference():
     classifier = PositionClassifier(embedding_dim=8)
     a, b = torch.rand(4, 8), torch.rand(4, 8)

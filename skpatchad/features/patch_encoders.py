@@ -34,10 +34,20 @@ def he_init_(conv):
     return conv
 
 
-def _conv_stack(channels, kernel_sizes, strides, negative_slope=NEGATIVE_SLOPE):
+INITS = ("he", "default")
+
+
+def _init_conv(conv, init):
+    """``init="he"``: :func:`he_init_`; ``"default"``: PyTorch's own initialisation."""
+    if init not in INITS:
+        raise ValueError("init must be one of %s, got %r" % (INITS, init))
+    return he_init_(conv) if init == "he" else conv
+
+
+def _conv_stack(channels, kernel_sizes, strides, init="he", negative_slope=NEGATIVE_SLOPE):
     layers = []
     for i, (k, s) in enumerate(zip(kernel_sizes, strides)):
-        layers.append(he_init_(nn.Conv2d(channels[i], channels[i + 1], k, stride=s)))
+        layers.append(_init_conv(nn.Conv2d(channels[i], channels[i + 1], k, stride=s), init))
         if i < len(kernel_sizes) - 1:
             layers.append(nn.LeakyReLU(negative_slope))
     return nn.Sequential(*layers)
@@ -54,9 +64,11 @@ class SmallPatchEncoder(nn.Module):
         Side of the patch it encodes (PatchSVDD: 32).
     width : int
         Base number of filters.
+    init : {"he", "default"}, default="he"
+        Convolution weights: He initialisation (:func:`he_init_`) or PyTorch's default.
     """
 
-    def __init__(self, embedding_dim=64, patch_size=32, width=64):
+    def __init__(self, embedding_dim=64, patch_size=32, width=64, init="he"):
         super().__init__()
         if patch_size == 32:
             # 32 -s2-> 15 -> 13 -> 11 -> 9 -> 7 -> 5 -k5-> 1
@@ -70,7 +82,7 @@ class SmallPatchEncoder(nn.Module):
             raise ValueError("patch_size must be 16 or 32, got %r" % (patch_size,))
         self.patch_size = patch_size
         self.stride = 2
-        self.net = _conv_stack(channels, kernels, strides)
+        self.net = _conv_stack(channels, kernels, strides, init)
 
     def forward(self, x):
         """(B, 3, H, W) -> (B, D, (H - K)/2 + 1, (W - K)/2 + 1), tanh-bounded."""
@@ -87,14 +99,16 @@ class HierarchicalPatchEncoder(nn.Module):
     embedding_dim : int
     hidden : int
         Channels of the aggregation layer.
+    init : {"he", "default"}, default="he"
+        Convolution weights: He initialisation (:func:`he_init_`) or PyTorch's default.
     """
 
-    def __init__(self, small, embedding_dim=64, hidden=128):
+    def __init__(self, small, embedding_dim=64, hidden=128, init="he"):
         super().__init__()
         self.small = small
         self.patch_size = 2 * small.patch_size
-        self.aggregate = he_init_(nn.Conv2d(embedding_dim, hidden, 2))
-        self.project = he_init_(nn.Conv2d(hidden, embedding_dim, 1))
+        self.aggregate = _init_conv(nn.Conv2d(embedding_dim, hidden, 2), init)
+        self.project = _init_conv(nn.Conv2d(hidden, embedding_dim, 1), init)
 
     def from_small_map(self, small_map):
         """Big-patch features from a dense small-feature map (stride of the small encoder)."""
@@ -223,6 +237,8 @@ class PEDENetSmallEncoder(nn.Module):
         D, filters of the output layer.
     filters : sequence of int, default=(32, 64, 128, 128, 64, 64, 32, 32)
         Filters of the hidden convolutional layers.
+    init : {"he", "default"}, default="he"
+        Convolution weights: He initialisation (:func:`he_init_`) or PyTorch's default.
 
     Attributes
     ----------
@@ -232,7 +248,7 @@ class PEDENetSmallEncoder(nn.Module):
         2, the stride of the dense feature map.
     """
 
-    def __init__(self, embedding_dim=64, filters=(32, 64, 128, 128, 64, 64, 32, 32)):
+    def __init__(self, embedding_dim=64, filters=(32, 64, 128, 128, 64, 64, 32, 32), init="he"):
         super().__init__()
         filters = [int(f) for f in filters]
         if not filters or min(filters) < 1:
@@ -241,7 +257,7 @@ class PEDENetSmallEncoder(nn.Module):
         self.filters = tuple(filters)
         self.patch_size = 4 * n_layers
         self.stride = 2
-        self.net = _conv_stack([3] + filters + [embedding_dim], [3] * n_layers, [2] + [1] * (n_layers - 1))
+        self.net = _conv_stack([3] + filters + [embedding_dim], [3] * n_layers, [2] + [1] * (n_layers - 1), init)
 
     def forward(self, x):
         """(B, 3, H, W) -> (B, D, (H - K)/2 + 1, (W - K)/2 + 1), tanh-bounded."""
