@@ -147,9 +147,11 @@ def test_empty_component_is_ignored():
 def test_training_loss_stays_finite_for_hundreds_of_steps(sample):
     train, _ = sample
     # 4-patch batches in 64-D: every batch covariance is singular, lr 10x the
-    # paper's; 240 steps (1 per epoch) must all stay finite
+    # paper's, DAGMM's 100x larger energy and covariance weights; 240 steps
+    # (1 per epoch) must all stay finite
     model = PEDENet(image_size=80, patch_size=36, stride=4, epochs=240, patches_per_image=1, batch_size=4,
-                    learning_rate=1e-3, n_calibration=2, random_state=0).fit(train.images[:4])
+                    learning_rate=1e-3, lambda_energy=0.1, lambda_cov=0.005, n_calibration=2,
+                    random_state=0).fit(train.images[:4])
     curve = model.training_curve_
     assert len(curve) == 240 and all(c["steps"] == 1 for c in curve)
     for key in ("energy", "position", "cov", "loss"):
