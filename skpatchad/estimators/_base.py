@@ -21,7 +21,7 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ..features._device import TorchImageEstimatorMixin, resolve_device, runtime_device
-from ..features.maps import grid_to_maps, stack_if_same_size
+from ..features.maps import covering_mean, grid_to_maps, stack_if_same_size
 from ..features.patch_encoders import COLOUR_NOISE, perturb_colours
 from ..features.preprocessing import ImageGeometry, iter_image_batches
 from ..metrics import labels_from_y
@@ -240,6 +240,19 @@ class PatchEmbeddingDetector(BaseAnomalyDetector):
         # distances only: not tracking where each minimum is halves the exact search's time
         distances = index.kneighbors(features.reshape(-1, dim), 1, groups, bank_groups, return_indices=False)
         return distances[:, 0].reshape(batch, n_h, n_w)
+
+    def _nn_map(self, scales, image_ids=None):
+        """Product over scales of the per-pixel mean NN distance of covering patches.
+
+        ``scales``: ``(features (B, h, w, D), index, patch, stride)`` per scale.
+        Returns ``(image scores = map maxima, (B, S, S) map)``.
+        """
+        anomaly_map = None
+        for features, index, patch, stride in scales:
+            scores = self._nearest_distances(index, features, image_ids)
+            scale_map = covering_mean(scores, patch, stride, self.geometry_.input_size)
+            anomaly_map = scale_map if anomaly_map is None else anomaly_map * scale_map
+        return anomaly_map.flatten(1).max(1).values, anomaly_map
 
     def _score_images(self, images):
         device = runtime_device(self.device_)

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from ..features.knn import NearestNeighbors
-from ..features.maps import covering_mean
 from ..features.patch_encoders import (HierarchicalPatchEncoder, PositionClassifier, SmallPatchEncoder,
                                        neighbour_pair_corners, pair_corners)
 from ._base import PatchEmbeddingDetector
@@ -308,14 +307,8 @@ class PatchSVDD(PatchEmbeddingDetector):
     @torch.inference_mode()
     def _scores_from_features(self, big, small, image_ids):
         """Image scores and (B, S, S) maps; image_ids excludes each image's own patches."""
-        maps = []
-        for feats, index, patch, stride in ((big, self.nn_indexes_[0], self.patch_size, self.stride_big),
-                                            (small, self.nn_indexes_[1], self.patch_size // 2,
-                                             self.stride_small)):
-            scores = self._nearest_distances(index, feats, image_ids)
-            maps.append(covering_mean(scores, patch, stride, self.geometry_.input_size))
-        anomaly_map = maps[0] * maps[1]
-        return anomaly_map.flatten(1).max(1).values, anomaly_map
+        return self._nn_map([(big, self.nn_indexes_[0], self.patch_size, self.stride_big),
+                             (small, self.nn_indexes_[1], self.patch_size // 2, self.stride_small)], image_ids)
 
     def _models(self):
         return [self.encoder_] + list(self.nn_indexes_)

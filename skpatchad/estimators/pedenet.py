@@ -444,18 +444,15 @@ class PEDENet(PatchEmbeddingDetector):
         """Image scores and (B, S, S) maps; image_ids excludes each image's own patches."""
         batch, n_h, n_w, dim = feats.shape
         flat = feats.reshape(-1, dim)
-        if self.score == "energy":
-            params = [torch.as_tensor(a, device=flat.device)
-                      for a in (self.gmm_weights_, self.gmm_means_, self.gmm_covariances_)]
-            scores = gmm_energy(flat.double(), *params).float()
-        else:
-            scores = self._nearest_distances(self.nn_index_, feats, image_ids)
-        scores = scores.reshape(batch, n_h, n_w)
+        if self.score == "nn":
+            scales = [(feats, self.nn_index_, self.patch_size, self.stride)]
+            if small_feats is not None:
+                scales.append((small_feats, self.small_nn_index_, _PATCH_SIZES[0], self.stride_small))
+            return self._nn_map(scales, image_ids)
+        params = [torch.as_tensor(a, device=flat.device)
+                  for a in (self.gmm_weights_, self.gmm_means_, self.gmm_covariances_)]
+        scores = gmm_energy(flat.double(), *params).float().reshape(batch, n_h, n_w)
         anomaly_map = covering_mean(scores, self.patch_size, self.stride, self.geometry_.input_size)
-        if small_feats is not None:
-            small_scores = self._nearest_distances(self.small_nn_index_, small_feats, image_ids)
-            anomaly_map = anomaly_map * covering_mean(small_scores, _PATCH_SIZES[0], self.stride_small,
-                                                      self.geometry_.input_size)
         return anomaly_map.flatten(1).max(1).values, anomaly_map
 
     def _models(self):
