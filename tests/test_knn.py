@@ -346,7 +346,18 @@ def test_pruned_search_is_exact(kind, grouped):
     groups = (rng.randint(0, 5, len(queries)), rng.randint(0, 5, len(bank))) if grouped else (None, None)
     index = NearestNeighbors("exact", pruning_dim=8, random_state=0).fit(bank)
     assert index.pruning_["reduced_bank"].shape == (3000, 9)
+    searched = []  # dimensions of the banks searched by brute force
+    brute = index._brute
+    index._brute = lambda b, *args: searched.append(b.shape[1]) or brute(b, *args)
+    refined = []  # queries the 32 candidates left undecided
+    refine = index._refine
+    index._refine = lambda q, r, undecided, *args: refined.append(len(undecided)) or refine(q, r, undecided, *args)
     d, i = index.kneighbors(queries, 1, *groups)
+    # only the reduced bank is searched by brute force; the rest is the bounded re-rank
+    assert searched == [9]
+    if kind == "white":  # 8 of 96 white-noise dimensions bound little: most queries need the re-rank
+        assert refined and refined[0] > len(queries) // 2
+    index._brute, index._refine = brute, refine
     d_only = index.kneighbors(queries, 1, *groups, return_indices=False)
     full = np.sqrt(((queries[:, None, :] - bank[None]) ** 2).sum(-1))
     if grouped:

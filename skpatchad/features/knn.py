@@ -267,10 +267,48 @@ class NearestNeighbors:
         # every other bank vector is at least bound[:, -1] away (less a rounding margin)
         undecided = (best[:, 0] > bound[:, -1] * (1.0 - _PRUNING_MARGIN)).nonzero()[:, 0]
         if n_candidates < len(bank) and len(undecided):
-            groups = (None, None) if query_groups is None else (query_groups[undecided], bank_groups)
-            d, i = self._brute(bank, self._device_bank()[1], queries[undecided], 1, *groups, True)
-            best[undecided], best_index[undecided] = d, i
+            self._refine(queries, reduced, undecided, best, best_index, query_groups, bank_groups)
         return best, (best_index if return_indices else None)
+
+    def _refine(self, queries, reduced, undecided, best, best_index, query_groups, bank_groups):
+        """Finish the queries the candidates did not decide, in place.
+
+        The best candidate's distance is an upper bound on the nearest one, so
+        only bank vectors whose lower bound is below it can still win: they are
+        found by a second pass in the reduced space and compared exactly,
+        pair by pair. On raw image patches that is well under 1% of the bank
+        (measured on MVTec bottle: 0.05% for 32x32 patches, 0.5% for 64x64,
+        with 64 components), where brute force over every undecided query
+        cost ~200 s per image.
+        """
+        bank = self._device_bank()[0]
+        reduced_bank, reduced_sq = self._device_reduced_bank()
+        dim = bank.shape[1]
+        query_block, bank_block = _block_sizes(len(undecided), len(bank), 1, _CPU_BLOCK_BYTES * 8)
+        pair_block = max(1, _RERANK_BLOCK_BYTES // (4 * dim))
+        for u0 in range(0, len(undecided), query_block):
+            rows = undecided[u0:u0 + query_block]
+            q_reduced = reduced[rows]
+            q_sq = (q_reduced * q_reduced).sum(1, keepdim=True)
+            for b0 in range(0, len(bank), bank_block):
+                # a bank vector can beat the current best only if its bound is below it
+                limit = (best[rows] / (1.0 - _PRUNING_MARGIN)) ** 2
+                bound_sq = torch.addmm(reduced_sq[b0:b0 + bank_block].unsqueeze(0) + q_sq,
+                                       q_reduced, reduced_bank[b0:b0 + bank_block].T, alpha=-2.0)
+                keep = bound_sq < limit
+                if query_groups is not None:
+                    keep &= query_groups[rows, None] != bank_groups[None, b0:b0 + bank_block]
+                pair_query, pair_bank = keep.nonzero(as_tuple=True)
+                for p0 in range(0, len(pair_query), pair_block):
+                    local = pair_query[p0:p0 + pair_block]
+                    members = pair_bank[p0:p0 + pair_block] + b0
+                    distance = (bank[members] - queries[rows[local]]).norm(dim=1)
+                    current = best[rows, 0]
+                    lowest = current.scatter_reduce(0, local, distance, "amin")
+                    better = distance < current[local]
+                    wins = better & (distance == lowest[local])
+                    best[rows[local[wins]], 0] = distance[wins]
+                    best_index[rows[local[wins]], 0] = members[wins]
 
     def _brute(self, bank, bank_sq, queries, k, query_groups, bank_groups, return_indices):
         exclude = query_groups is not None
