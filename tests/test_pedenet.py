@@ -279,25 +279,6 @@ def test_stride_small_multiplies_the_sub_patch_map(sample):
     np.testing.assert_array_equal(reloaded.predict_map(test.images[:2]), model.predict_map(test.images[:2]))
 
 
-def test_stride_small_trains_a_sub_patch_position_network(sample):
-    """With stride_small the sub-patch encoder also learns LP on 36-pixel neighbours."""
-    train, _ = sample
-    params = {**FAST, "image_size": 160, "patch_size": 72, "stride": 8, "epochs": 2}
-    single = PEDENet(**params).fit(train.images[:4])
-    double = PEDENet(**params, stride_small=4).fit(train.images[:4])
-    assert single.small_position_ is None
-    extra = sum(p.numel() for p in double.small_position_.parameters())
-    assert extra > 0 and double.n_parameters_ == single.n_parameters_ + extra
-    # it was trained: same seed, no epochs -> the same initial weights, which training changed
-    untrained = PEDENet(**{**params, "epochs": 0}, stride_small=4).fit(train.images[:4])
-    pairs = list(zip(double.small_position_.parameters(), untrained.small_position_.parameters()))
-    assert all(a.shape == b.shape for a, b in pairs)
-    assert not any(torch.equal(a, b) for a, b in pairs)
-    assert all(not p.requires_grad for p in double.small_position_.parameters())
-    # the extra cross-entropy (about log 8 at the start) is part of the LP term
-    assert double.training_curve_[0]["position"] > single.training_curve_[0]["position"] + 1.0
-
-
 @pytest.mark.parametrize("params, message", [
     ({"stride_small": 4}, "patch_size=72"),
     ({"patch_size": 72, "image_size": 160, "stride": 8, "stride_small": 4, "score": "energy"}, "score='nn'"),

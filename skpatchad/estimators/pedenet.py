@@ -166,10 +166,7 @@ class PEDENet(PatchEmbeddingDetector):
         None: maps from the ``patch_size`` embeddings alone. An even int
         (e.g. 4): also embed every 36-pixel sub-patch at this stride, score it
         against the sub-patch embeddings of the training images, and multiply
-        the two maps, as Patch SVDD combines its two scales. The sub-patch
-        encoder then also learns LP at its own scale (a second LP network,
-        ``small_position_``, on 36-pixel neighbours; its cross-entropy is added
-        to the LP term), as Patch SVDD trains both scales. Only with
+        the two maps, as Patch SVDD combines its two scales. Only with
         ``patch_size=72`` and ``score="nn"``.
     epochs : int, default=30
         Training epochs of ``ceil(n_images * patches_per_image / batch_size)``
@@ -214,8 +211,6 @@ class PEDENet(PatchEmbeddingDetector):
         DE network.
     position_ : PositionClassifier
         LP network.
-    small_position_ : PositionClassifier or None
-        LP network of the 36-pixel sub-patches (only with ``stride_small``).
     gmm_weights_ : ndarray of shape (n_components,)
     gmm_means_ : ndarray of shape (n_components, embedding_dim)
     gmm_covariances_ : ndarray of shape (n_components, embedding_dim, embedding_dim)
@@ -302,10 +297,6 @@ class PEDENet(PatchEmbeddingDetector):
             if (self.image_size - small) % self.stride_small:
                 raise ValueError("(image_size - %d) must be divisible by stride_small" % small)
 
-    def _networks(self):
-        """PE, DE, LP and the sub-patch LP (None without ``stride_small``), trained jointly."""
-        return [self.encoder_, self.density_, self.position_, getattr(self, "small_position_", None)]
-
     def _embed(self, patches):
         """(B, 3, K, K) patches -> (B, D) embeddings at the chosen scale."""
         if self.patch_size == self.encoder_.patch_size:
@@ -325,8 +316,8 @@ class PEDENet(PatchEmbeddingDetector):
         """LP pairs per step: the paper's 36 pairs per 128 DE patches."""
         return max(1, round(self.batch_size * 36 / 128))
 
-    def _sample_pairs(self, data, generator, patch):
-        """``round(batch_size * 36 / 128)`` (centre, neighbour, label) ``patch``-pixel crops for LP.
+    def _sample_pairs(self, data, generator):
+        """``round(batch_size * 36 / 128)`` (centre, neighbour, label) crops for LP.
 
         As in Patch SVDD the neighbour sits one patch away along each axis of
         the label's direction, jittered by up to K/8 so that the network cannot
@@ -334,7 +325,7 @@ class PEDENet(PatchEmbeddingDetector):
         only where that one neighbour fits, so images need only hold two
         patches (plus jitter) across instead of three.
         """
-        size, batch = data.shape[-1], self._position_pairs()
+        patch, size, batch = self.patch_size, data.shape[-1], self._position_pairs()
         image_index = torch.randint(len(data), (batch,), generator=generator)
         label = torch.randint(8, (batch,), generator=generator)
         first_corner, second_corner = neighbour_pair_corners(label, patch, size, generator, "jittered")
@@ -348,7 +339,7 @@ class PEDENet(PatchEmbeddingDetector):
     def _loss_terms(self, data, generator):
         """(energy, position, cov) losses of one step."""
         patches = self._sample_patches(data, generator)
-        first, second, label = self._sample_pairs(data, generator, self.patch_size)
+        first, second, label = self._sample_pairs(data, generator)
         # one channels-last forward over the DE patches and both LP crop sets
         # (the encoder has no batch statistics, so this is the same function;
         # it is ~1.5x faster per step on CPU than three separate calls)
@@ -362,17 +353,10 @@ class PEDENet(PatchEmbeddingDetector):
         energy = gmm_energy(z64, phi, mu, sigma).mean()
         cov = covariance_penalty(sigma)
         position = F.cross_entropy(self.position_(z_first, z_second), label)
-        if self.small_position_ is not None:
-            # the sub-patch encoder also learns LP at its own scale, so that its
-            # 36-pixel map (stride_small) compares features trained for 36-pixel patches
-            small_first, small_second, small_label = self._sample_pairs(data, generator, _PATCH_SIZES[0])
-            crops = torch.cat([small_first, small_second]).contiguous(memory_format=torch.channels_last)
-            s_first, s_second = self.encoder_.small(crops).flatten(1).split([len(small_first), len(small_second)])
-            position = position + F.cross_entropy(self.small_position_(s_first, s_second), small_label)
         return energy.float(), position, cov.float()
 
     def _train(self, data, generator):
-        networks = nn.ModuleList([net for net in self._networks() if net is not None])
+        networks = nn.ModuleList([self.encoder_, self.density_, self.position_])
         optimizer = torch.optim.Adam(networks.parameters(), lr=self.learning_rate)
         steps = max(1, math.ceil(len(data) * self.patches_per_image / self.batch_size))
         self.training_curve_ = []
@@ -407,8 +391,7 @@ class PEDENet(PatchEmbeddingDetector):
         self.encoder_ = HierarchicalPatchEncoder(PEDENetSmallEncoder(dim), dim).to(device)
         self.density_ = DensityEstimator(dim, int(self.n_components)).to(device)
         self.position_ = PositionClassifier(dim).to(device)
-        self.small_position_ = None if self.stride_small is None else PositionClassifier(dim).to(device)
-        networks = [net for net in self._networks() if net is not None]
+        networks = (self.encoder_, self.density_, self.position_)
         self.n_parameters_ = sum(p.numel() for net in networks for p in net.parameters())
         self.training_curve_ = []
         if self.epochs > 0:
