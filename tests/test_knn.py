@@ -349,9 +349,10 @@ def test_pruned_search_is_exact(kind, grouped):
     searched = []  # dimensions of the banks searched by brute force
     brute = index._brute
     index._brute = lambda b, *args: searched.append(b.shape[1]) or brute(b, *args)
-    refined = []  # queries the 32 candidates left undecided
+    refined = []  # queries the pruning candidates left undecided
     refine = index._refine
-    index._refine = lambda q, r, undecided, *args: refined.append(len(undecided)) or refine(q, r, undecided, *args)
+    index._refine = lambda q, q_sq, r, undecided, *args: (refined.append(len(undecided))
+                                                           or refine(q, q_sq, r, undecided, *args))
     d, i = index.kneighbors(queries, 1, *groups)
     # only the reduced bank is searched by brute force; the rest is the bounded re-rank
     assert searched == [9]

@@ -115,11 +115,11 @@ class NearestNeighbors:
         the true ones; the ``_PRUNING_CANDIDATES`` nearest in that space are
         compared exactly, and a query whose best exact distance is not below
         every other bank vector's bound is compared exactly with just the bank
-        vectors whose bound is below it. The
-        result is exact whatever the data, up to float32 rounding: a squared
-        distance within ``1e-6 |q|^2`` of the best, about what brute force's
-        own rounding costs, counts as found; how fast
-        depends on how much of the variance the components hold. Used for
+        vectors whose bound is below it. The result is exact whatever the
+        data, up to float32 rounding: a squared distance within ``1e-6 |q|^2``
+        of the best, about what brute force's own rounding costs, counts as
+        found. How fast depends on how much of the variance the components
+        hold. Used for
         ``n_neighbors=1`` on CPU or CUDA; other searches are brute force.
 
     Attributes
@@ -277,19 +277,19 @@ class NearestNeighbors:
             best_index[q0:q0 + rows] = torch.gather(chosen, 1, position)
         # every other bank vector is at least bound[:, -1] away (less a rounding
         # margin); closer than that by no more than the slack is as good as found
-        slack = _PRUNING_SLACK * (queries * queries).sum(1)
-        lowest_other = (bound[:, -1] * (1.0 - _PRUNING_MARGIN)) ** 2 + slack
+        query_sq = (queries * queries).sum(1)
+        lowest_other = (bound[:, -1] * (1.0 - _PRUNING_MARGIN)) ** 2 + _PRUNING_SLACK * query_sq
         undecided = (best[:, 0] ** 2 > lowest_other).nonzero()[:, 0]
         if n_candidates < len(bank) and len(undecided):
-            self._refine(queries, reduced, undecided, best, best_index, query_groups, bank_groups, slack)
+            self._refine(queries, query_sq, reduced, undecided, best, best_index, query_groups, bank_groups)
         return best, (best_index if return_indices else None)
 
-    def _refine(self, queries, reduced, undecided, best, best_index, query_groups, bank_groups, slack):
+    def _refine(self, queries, query_sq, reduced, undecided, best, best_index, query_groups, bank_groups):
         """Finish the queries the candidates did not decide, in place.
 
         The best candidate's distance is an upper bound on the nearest one, so
         only bank vectors whose lower bound is below it can still win (by more
-        than ``slack``, the float32 rounding of a squared distance). They are
+        than ``_PRUNING_SLACK |q|^2``, the float32 rounding of a squared distance). They are
         found by a second pass in the reduced space, block by block, and
         compared exactly: one small matrix product per block between the
         queries and the bank vectors that are a candidate of any of them
@@ -306,10 +306,11 @@ class NearestNeighbors:
             rows = undecided[u0:u0 + query_block]
             q_reduced, q_full = reduced[rows], queries[rows]
             q_reduced_sq = (q_reduced * q_reduced).sum(1, keepdim=True)
-            q_full_sq = (q_full * q_full).sum(1, keepdim=True)
+            q_full_sq = query_sq[rows, None]
+            slack = _PRUNING_SLACK * q_full_sq
             for b0 in range(0, len(bank), bank_block):
                 # a bank vector can beat the current best only if its bound is below it
-                limit = (best[rows] ** 2 - slack[rows, None]) / (1.0 - _PRUNING_MARGIN) ** 2
+                limit = (best[rows] ** 2 - slack) / (1.0 - _PRUNING_MARGIN) ** 2
                 bound_sq = torch.addmm(reduced_sq[b0:b0 + bank_block].unsqueeze(0) + q_reduced_sq,
                                        q_reduced, reduced_bank[b0:b0 + bank_block].T, alpha=-2.0)
                 keep = bound_sq < limit
