@@ -48,7 +48,10 @@ def anomalib_patchcore(train, test, coreset, batch_size, geometry):
     # anomalib imports torchvision at module level; skpatchad's import defines
     # the operator schemas a CUDA torchvision wheel lacks next to CPU torch.
     import_torchvision()
-    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+    try:
+        from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+    except ImportError as exc:
+        raise SystemExit("anomalib is not installed here (%s); see this script's docstring" % exc)
 
     model = PatchcoreModel(layers=["layer2", "layer3"], backbone="wide_resnet50_2", pre_trained=False)
     images_train, images_test = check_images(train.images), check_images(test.images)
