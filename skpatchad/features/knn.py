@@ -119,8 +119,8 @@ class NearestNeighbors:
         data, up to float32 rounding: a squared distance within ``1e-6 |q|^2``
         of the best, about what brute force's own rounding costs, counts as
         found. How fast depends on how much of the variance the components
-        hold. Used for
-        ``n_neighbors=1`` on CPU or CUDA; other searches are brute force.
+        hold. Used for ``n_neighbors=1`` on CPU or CUDA; other searches are
+        brute force.
 
     Attributes
     ----------
@@ -289,8 +289,8 @@ class NearestNeighbors:
 
         The best candidate's distance is an upper bound on the nearest one, so
         only bank vectors whose lower bound is below it can still win (by more
-        than ``_PRUNING_SLACK |q|^2``, the float32 rounding of a squared distance). They are
-        found by a second pass in the reduced space, block by block, and
+        than ``_PRUNING_SLACK |q|^2``, the float32 rounding of a squared
+        distance). They are found by a second pass in the reduced space, block by block, and
         compared exactly: one small matrix product per block between the
         queries and the bank vectors that are a candidate of any of them
         (neighbouring patches share most candidates, so this is far cheaper
