@@ -11,7 +11,6 @@ giving AUROC against training time from the one training run.
 """
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -20,37 +19,8 @@ import torch
 
 from skpatchad import PatchSVDD
 from skpatchad.datasets import load_mvtec
-from skpatchad.features.preprocessing import iter_image_batches
 
-from _common import evaluate, fit_and_evaluate
-
-
-class _SnapshottingPatchSVDD(PatchSVDD):
-    """PatchSVDD that keeps a copy of the encoder (and the elapsed training time) at chosen epochs."""
-
-    def _after_epoch(self, epoch):
-        if epoch in getattr(self, "snapshot_epochs", ()):
-            self.snapshots_[epoch] = (self.training_curve_[-1]["seconds"],
-                                      copy.deepcopy(self.encoder_.state_dict()))
-
-    def _fit_images(self, images):
-        self.snapshots_ = {}
-        return super()._fit_images(images)
-
-
-def training_curve(model, train, test):
-    """AUROC of each snapshot: the fitted model with that encoder and a rebuilt bank."""
-    data = torch.cat([b for _, b in iter_image_batches(train.images, model.geometry_, 16, "cpu")])
-    data = model._centre(data)
-    seed = 0
-    rows = []
-    for epoch, (seconds, state) in sorted(model.snapshots_.items()):
-        snapshot = copy.deepcopy(model)
-        snapshot.encoder_.load_state_dict(state)
-        snapshot._fit_bank(data, seed)
-        rows.append(dict(epoch=epoch, train_s=round(seconds, 1), **evaluate(snapshot, test)))
-        print(json.dumps(dict(curve_point=rows[-1])), flush=True)
-    return rows
+from _common import fit_and_evaluate, snapshotting, training_curve
 
 
 def main(argv=None):
@@ -73,7 +43,7 @@ def main(argv=None):
         params = dict(encoder=encoder, random_state=args.seed, knn=args.knn, verbose=1, **json.loads(args.params))
         if args.epochs is not None:
             params["epochs"] = args.epochs
-        model = _SnapshottingPatchSVDD(**params)
+        model = snapshotting(PatchSVDD)(**params)
         model.snapshot_epochs = set(args.curve) if encoder == "trained" else set()
         row = dict(encoder=encoder, category=args.category, **fit_and_evaluate(model, train, test))
         print(json.dumps(row), flush=True)

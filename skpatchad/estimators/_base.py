@@ -177,6 +177,9 @@ class PatchEmbeddingDetector(BaseAnomalyDetector):
     def _map_sigma(self):
         return 0.0
 
+    def _after_epoch(self, epoch):
+        """Hook called after each training epoch (benchmarks snapshot the networks here)."""
+
     def _start_fit(self, images):
         """Validate parameters, resolve device and seeds, load the images.
 

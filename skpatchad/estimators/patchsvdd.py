@@ -242,9 +242,6 @@ class PatchSVDD(PatchEmbeddingDetector):
         big.to(memory_format=torch.contiguous_format)
         big.eval()
 
-    def _after_epoch(self, epoch):
-        """Hook called after each training epoch (benchmarks snapshot the encoder here)."""
-
     # ------------------------------------------------------------------ fit
     def _fit_images(self, images):
         seed, generator, data = self._start_fit(images)

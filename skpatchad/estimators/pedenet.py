@@ -378,6 +378,7 @@ class PEDENet(PatchEmbeddingDetector):
             self._log("epoch %d/%d  loss %.4f  energy %.3f  LP %.4f  cov %.3f  (%.0fs)" % (
                 epoch, self.epochs, record["loss"], record["energy"], record["position"], record["cov"],
                 record["seconds"]))
+            self._after_epoch(epoch)
         self.encoder_.to(memory_format=torch.contiguous_format)
         networks.eval()
 
@@ -399,7 +400,11 @@ class PEDENet(PatchEmbeddingDetector):
         for net in networks:
             for parameter in net.parameters():
                 parameter.requires_grad_(False)
+        return self._fit_bank(data, seed)
 
+    def _fit_bank(self, data, seed):
+        """Training embeddings -> kNN indexes and the final mixture; returns calibration scores."""
+        device, dim = self.device_, int(self.embedding_dim)
         parts = [self._dense_features(data[i:i + 8]) for i in range(0, len(data), 8)]
         features = torch.cat([big for big, _ in parts])
         small_features = None if self.stride_small is None else torch.cat([small for _, small in parts])
