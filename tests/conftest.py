@@ -29,17 +29,6 @@ def fitted_patchcore(sample, small_patchcore_params):
     return PatchCore(**small_patchcore_params).fit(train.images)
 
 
-@pytest.fixture(scope="session")
-def mixed_inputs(sample):
-    """One list of every accepted kind of array (RGB, grayscale, RGBA, float; all
-    different sizes) and the map shape each must come back at."""
-    rgb = sample[0].images[0]
-    gray = (rgb.mean(axis=2)).astype(np.uint8)[:150, :100]
-    rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=2)[:, :180]
-    floats = rgb[:200, :].astype(np.float32) / 255.0
-    return [rgb, gray, rgba, floats], [(224, 224), (150, 100), (224, 180), (200, 224)]
-
-
 @pytest.fixture()
 def rng():
     return np.random.default_rng(0)

@@ -148,25 +148,6 @@ def test_baselines(sample, encoder):
     assert model.predict_map(test.images[:2]).shape == (2, 224, 224)
 
 
-def test_maps_follow_each_input_size_and_format(mixed_inputs, fitted):
-    images, shapes = mixed_inputs
-    maps = fitted.predict_map(images)
-    assert isinstance(maps, list) and [m.shape for m in maps] == shapes
-    assert all(np.isfinite(m).all() for m in maps)
-    # a grayscale image scores as its RGB replica does
-    gray = images[1]
-    np.testing.assert_allclose(maps[1], fitted.predict_map([np.repeat(gray[..., None], 3, axis=2)])[0],
-                               rtol=1e-5, atol=1e-6)
-
-
-def test_fits_on_grayscale_images_of_different_sizes(sample):
-    train, test = sample
-    images = [im.mean(axis=2).astype(np.uint8)[: 160 + 8 * i, : 200 - 4 * i] for i, im in enumerate(train.images[:8])]
-    model = PatchSVDD(**FAST).fit(images)
-    scores = model.score_samples([im.mean(axis=2).astype(np.uint8) for im in test.images[:3]])
-    assert scores.shape == (3,) and np.isfinite(scores).all()
-
-
 def test_same_random_state_identical_model(sample):
     train, test = sample
     a = PatchSVDD(**FAST).fit(train.images[:6])
