@@ -45,7 +45,7 @@ class PatchSVDD(PatchEmbeddingDetector):
         Weight of L_SVDD' (the paper's lambda). 1e-3 is the value of the
         reference code's example command; its command-line default, 1,
         collapsed the encoder with the CPU schedule on MVTec bottle:
-        L_SVDD' fell to 1e-4 within 3 epochs while the position loss stayed
+        L_SVDD' fell below 1e-3 within 2 epochs while the position loss stayed
         at chance (log 8), and every patch got the same feature (image and
         pixel AUROC 0.5).
     embedding_dim : int, default=64
