@@ -5,7 +5,6 @@ import json
 import resource
 import time
 
-import numpy as np
 import torch
 
 from skpatchad.features.preprocessing import iter_image_batches
@@ -63,7 +62,7 @@ def training_curve(model, train, test):
     """AUROC of each snapshot: the fitted model with those networks and a rebuilt bank."""
     data = torch.cat([b for _, b in iter_image_batches(train.images, model.geometry_, 16, "cpu")])
     data = model._centre(data)
-    seed = int(np.random.RandomState(model.random_state).randint(2**31 - 1))  # as in fit
+    seed = model._fit_seed()
     rows = []
     for epoch, (seconds, states) in sorted(model.snapshots_.items()):
         snapshot = copy.deepcopy(model)

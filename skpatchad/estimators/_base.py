@@ -180,6 +180,10 @@ class PatchEmbeddingDetector(BaseAnomalyDetector):
     def _after_epoch(self, epoch):
         """Hook called after each training epoch (benchmarks snapshot the networks here)."""
 
+    def _fit_seed(self):
+        """The int seed that ``fit`` derives from ``random_state`` (patch sampling, kNN, calibration)."""
+        return int(np.random.RandomState(self.random_state).randint(2**31 - 1))
+
     def _start_fit(self, images):
         """Validate parameters, resolve device and seeds, load the images.
 
@@ -188,7 +192,7 @@ class PatchEmbeddingDetector(BaseAnomalyDetector):
         centred (N, 3, S, S) training tensor (see :meth:`_centre`).
         """
         self._check_params()
-        seed = int(np.random.RandomState(self.random_state).randint(2**31 - 1))
+        seed = self._fit_seed()
         generator = torch.Generator().manual_seed(seed)
         self.device_ = resolve_device(self.device)
         self.geometry_ = ImageGeometry(self.image_size)

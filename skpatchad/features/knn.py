@@ -290,9 +290,9 @@ class NearestNeighbors:
         The best candidate's distance is an upper bound on the nearest one, so
         only bank vectors whose lower bound is below it can still win (by more
         than ``_PRUNING_SLACK |q|^2``, the float32 rounding of a squared
-        distance). They are found by a second pass in the reduced space, block by block, and
-        compared exactly: one small matrix product per block between the
-        queries and the bank vectors that are a candidate of any of them
+        distance). They are found by a second pass in the reduced space, block
+        by block, and compared exactly: one small matrix product per block
+        between the queries and the bank vectors that are a candidate of any of them
         (neighbouring patches share most candidates, so this is far cheaper
         than gathering every pair). On raw image patches the candidates are
         well under 1% of the bank (measured on MVTec bottle with 64
