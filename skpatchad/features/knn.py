@@ -292,12 +292,12 @@ class NearestNeighbors:
         than ``_PRUNING_SLACK |q|^2``, the float32 rounding of a squared
         distance). They are found by a second pass in the reduced space, block
         by block, and compared exactly: one small matrix product per block
-        between the queries and the bank vectors that are a candidate of any of them
-        (neighbouring patches share most candidates, so this is far cheaper
-        than gathering every pair). On raw image patches the candidates are
-        well under 1% of the bank (measured on MVTec bottle with 64
-        components: 0.05% for 32x32 patches, 0.5% for 64x64), where brute
-        force over every undecided query cost ~200 s per image.
+        between the queries and the bank vectors that are a candidate of any of
+        them (neighbouring patches share most candidates, so this is far
+        cheaper than gathering every pair). On raw image patches the candidates
+        are well under 1% of the bank (measured on MVTec bottle with 64
+        components: 0.05% for 32x32 patches, 0.5% for 64x64), where brute force
+        over every undecided query cost ~200 s per image.
         """
         bank, bank_sq = self._device_bank()
         reduced_bank, reduced_sq = self._device_reduced_bank()
