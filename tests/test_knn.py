@@ -292,7 +292,16 @@ def test_pynndescent_recall_and_interface():
     bank = rng.randn(2000, 16).astype(np.float32)
     queries = rng.randn(300, 16).astype(np.float32)
     exact = NearestNeighbors().fit(bank)
-    approx = NearestNeighbors("pynndescent", random_state=0).fit(bank)
+    # numba's threading would reset torch's thread count to all cores (a Dask
+    # worker's set_num_threads(1) lost): building and querying must keep it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        approx = NearestNeighbors("pynndescent", random_state=0).fit(bank)
+        approx.kneighbors(queries, 1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     for k in (1, 5):
         ref_d, ref_i = exact.kneighbors(queries, k)
         d, i = approx.kneighbors(torch.from_numpy(queries), k)

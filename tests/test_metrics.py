@@ -139,6 +139,17 @@ def test_masks_from_y():
     assert len(arr) == 2 and arr[0].shape == (3, 3)
 
 
+def test_object_array_of_masks_is_a_list_of_masks():
+    # np.array(list_of_masks_of_different_sizes, dtype=object), as images may be passed
+    masks = np.empty(3, dtype=object)
+    masks[:] = [np.zeros((2, 3)), 255 * np.ones((4, 1), dtype=np.uint8), np.zeros((5, 5))]
+    np.testing.assert_array_equal(labels_from_y(masks), [0, 1, 0])
+    assert [m.shape for m in masks_from_y(masks)] == [(2, 3), (4, 1), (5, 5)]
+    maps = np.empty(3, dtype=object)
+    maps[:] = [np.zeros((2, 3)), np.ones((4, 1)), np.zeros((5, 5))]
+    assert pixel_auroc(masks, maps) == 1.0
+
+
 def test_masks_from_y_rejects_labels():
     with pytest.raises(ValueError, match=r"need ground-truth masks \(N, H, W\), got image labels"):
         masks_from_y([0, 1, 1])

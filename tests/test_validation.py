@@ -217,6 +217,35 @@ def test_object_array_of_paths(png_files):
     np.testing.assert_array_equal(images[1], expected["gray"])
 
 
+def test_numpy_string_array_of_paths(png_files):
+    # np.array(list_of_paths) is a '<U..' array, e.g. what cross_val_score indexes
+    files, expected = png_files
+    images = check_images(np.array([str(files["rgb"]), str(files["gray"])]))
+    np.testing.assert_array_equal(images[0], expected["rgb"])
+    np.testing.assert_array_equal(images[1], expected["gray"])
+
+
+def test_float_tiff_read_as_float_not_black(tmp_path, rng):
+    # mode "F" converted to RGB truncates [0, 1] to 0: a silently black image
+    values = rng.rand(20, 24).astype(np.float32)
+    path = tmp_path / "float.tiff"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "F"
+    image = check_images([path])[0]
+    assert image.dtype == np.float32
+    np.testing.assert_array_equal(image[:, :, 0], values)
+    np.testing.assert_array_equal(image[:, :, 2], values)
+    Image.fromarray(values * 255).save(path)
+    with _raises(ValueError, "image 0", r"\[0, 1\]"):
+        list(check_images([path]))
+
+
+def test_big_endian_uint16_array(rng):
+    values = rng.randint(0, 65536, size=(2, 20, 24)).astype(np.uint16)
+    images = check_images(values.astype(">u2"))
+    np.testing.assert_allclose(images[1][:, :, 0], values[1] / 65535.0)
+
+
 def test_read_image_returns_raw_uint16(png_files):
     files, expected = png_files
     raw = read_image(files["gray16"])
@@ -420,7 +449,7 @@ def test_single_path_instead_of_list_rejected(tmp_path, rng, as_path):
         check_images(X)
 
 
-@pytest.mark.parametrize("channels", [3, 4])
+@pytest.mark.parametrize("channels", [1, 3, 4])
 def test_single_image_as_X_suggests_newaxis(rng, channels):
     image = _rgb(rng, (32, 40, channels))
     with _raises(ValueError, re.escape("X[np.newaxis]"), "single"):

@@ -14,10 +14,12 @@ pickling without device state) lives here once.
 """
 
 import numbers
+import warnings
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ..features._device import TorchImageEstimatorMixin, resolve_device, runtime_device
@@ -33,10 +35,46 @@ from ..utils import check_images, image_sizes, select_images
 _MIN_INPUT_SPREAD = 1e-3
 
 
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def check_int_param(name, value, minimum=1, allow_none=False):
+    """Raise a ValueError naming ``name`` unless ``value`` is an integer >= ``minimum``.
+
+    Integral floats (``2.0``) and numpy integers pass; booleans, NaN and
+    strings do not.
+    """
+    if allow_none and value is None:
+        return
+    if not (_is_real(value) and int(value) == value and value >= minimum):
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, "an integer >= %d" % minimum)
+        raise ValueError("%s must be %s%s, got %r" % (name, kind, " or None" if allow_none else "", value))
+
+
+def check_real_param(name, value, low, high=None, low_inclusive=True, allow_none=False):
+    """Raise a ValueError naming ``name`` unless ``value`` is a real number in the given range.
+
+    Any numpy float (e.g. ``np.float32`` values of a search grid) passes;
+    booleans, NaN and strings do not.
+    """
+    if allow_none and value is None:
+        return
+    ok = _is_real(value) and (value >= low if low_inclusive else value > low) and (high is None or value <= high)
+    if not ok:
+        interval = "%s%g, %s" % ("[" if low_inclusive else "(", low, "inf)" if high is None else "%g]" % high)
+        raise ValueError("%s must be a number in %s%s, got %r"
+                         % (name, interval, " or None" if allow_none else "", value))
+
+
 class BaseAnomalyDetector(TorchImageEstimatorMixin, OutlierMixin, BaseEstimator):
     """Base class: sklearn outlier-detector API over per-image anomaly scores and maps."""
 
     _min_image_size = 16
+    # Parameters that scoring reads and that offset_ / the banks were built
+    # with: changing one after fit would silently mix two models, so predict
+    # refuses until the model is fitted again.
+    _inference_params = ()
 
     def _log(self, message):
         if self.verbose:
@@ -65,6 +103,15 @@ class BaseAnomalyDetector(TorchImageEstimatorMixin, OutlierMixin, BaseEstimator)
             )
         return normal
 
+    def _check_params(self):
+        """Raise a ValueError for an invalid parameter; ``fit`` calls it before any work."""
+
+    def _warn_single_image(self):
+        """For ``_fit_images``: there is no other image to score the only one against."""
+        warnings.warn("%s was fitted on a single image: offset_ uses its in-sample score, "
+                      "which is optimistically low, so unseen normal images may be flagged "
+                      "anomalous; fit on more normal images" % type(self).__name__)
+
     def _check_contamination(self):
         c = self.contamination
         if isinstance(c, str):
@@ -90,9 +137,16 @@ class BaseAnomalyDetector(TorchImageEstimatorMixin, OutlierMixin, BaseEstimator)
         -------
         self
         """
+        # A fit that fails or is interrupted (e.g. stopped in a notebook) must not
+        # leave new networks next to an old bank and offset_: forget the old model
+        # first, so the estimator is either fitted anew or plainly unfitted.
+        for name in [name for name in vars(self) if name.endswith("_") and not name.startswith("_")]:
+            delattr(self, name)
         self._check_contamination()
+        self._check_params()
         images = self._training_images(X, y)
         calibration = np.asarray(self._fit_images(images), dtype=np.float64)
+        self.inference_params_ = {name: getattr(self, name) for name in self._inference_params}
         self.n_train_images_ = len(images)
         self.train_scores_ = -calibration
         if self.contamination == "auto":
@@ -102,8 +156,18 @@ class BaseAnomalyDetector(TorchImageEstimatorMixin, OutlierMixin, BaseEstimator)
         return self
 
     # ----------------------------------------------------------------- predict
+    def _check_inference_params(self):
+        for name, fitted in getattr(self, "inference_params_", {}).items():
+            current = getattr(self, name)
+            if current is not fitted and current != fitted:
+                raise ValueError(
+                    "%s was fitted with %s=%r and it is now %r; the memory bank and offset_ "
+                    "depend on it, so call fit again (or set it back)"
+                    % (type(self).__name__, name, fitted, current))
+
     def _scores_and_maps(self, X, want_maps):
         check_is_fitted(self, "offset_")
+        self._check_inference_params()
         images = self._check_images(X)
         sizes = image_sizes(images)
         scores = np.empty(len(images), dtype=np.float64)
@@ -182,16 +246,15 @@ class PatchEmbeddingDetector(BaseAnomalyDetector):
 
     def _fit_seed(self):
         """The int seed that ``fit`` derives from ``random_state`` (patch sampling, kNN, calibration)."""
-        return int(np.random.RandomState(self.random_state).randint(2**31 - 1))
+        return int(check_random_state(self.random_state).randint(2**31 - 1))
 
     def _start_fit(self, images):
-        """Validate parameters, resolve device and seeds, load the images.
+        """Resolve device and seeds, load the images (``fit`` has checked the parameters).
 
         Returns ``(seed, generator, data)``: an int seed derived from
         ``random_state``, a torch generator for patch sampling, and the
         centred (N, 3, S, S) training tensor (see :meth:`_centre`).
         """
-        self._check_params()
         seed = self._fit_seed()
         generator = torch.Generator().manual_seed(seed)
         self.device_ = resolve_device(self.device)

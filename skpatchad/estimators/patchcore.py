@@ -5,14 +5,15 @@ import warnings
 
 import numpy as np
 import torch
+from sklearn.utils import check_random_state
 
-from ..features._device import resolve_device, runtime_device
+from ..features._device import resolve_device, runtime_device, seeded_cpu_rng
 from ..features.backbone import extract_feature_maps, make_backbone
 from ..features.coreset import greedy_coreset
-from ..features.knn import NearestNeighbors
+from ..features.knn import NearestNeighbors, check_knn_method
 from ..features.patchcore import LocallyAwarePatchEmbedding, StreamedEmbeddings
 from ..features.preprocessing import ImageGeometry
-from ._base import BaseAnomalyDetector
+from ._base import BaseAnomalyDetector, check_int_param, check_real_param
 
 
 _PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -59,7 +60,8 @@ class PatchCore(BaseAnomalyDetector):
     n_neighbors : int, default=9
         b in Eq. 7; 1 disables the re-weighting (image score = max patch score).
     sigma : float, default=4.0
-        Gaussian smoothing of the maps, in network-input pixels.
+        Gaussian smoothing of the maps, in network-input pixels. Only the maps
+        depend on it, so it may be changed on a fitted model.
     knn : {"exact", "pynndescent"}, default="exact"
         Nearest-neighbour search.
     precision : {"float32", "float16", "bfloat16"}, default="float32"
@@ -84,6 +86,10 @@ class PatchCore(BaseAnomalyDetector):
     Attributes
     ----------
     memory_bank_ : ndarray of shape (n_bank, D)
+    inference_params_ : dict
+        ``n_neighbors`` as fitted. Scoring raises a ValueError if one of them was
+        changed with ``set_params`` since ``fit`` (the bank and ``offset_`` depend on
+        it).
     bank_image_index_ : ndarray of shape (n_bank,)
         Training image each bank entry comes from.
     offset_ : float
@@ -117,6 +123,8 @@ class PatchCore(BaseAnomalyDetector):
     >>> scores = model.decision_function(test.images)   # < 0: anomalous
     >>> maps = model.predict_map(test.images)            # (N, H, W), high = anomalous
     """
+
+    _inference_params = ("n_neighbors",)
 
     def __init__(
         self,
@@ -162,20 +170,14 @@ class PatchCore(BaseAnomalyDetector):
 
     # ---------------------------------------------------------------- helpers
     def _check_params(self):
-        if not (isinstance(self.coreset, (float, int)) and 0.0 < self.coreset <= 1.0):
-            raise ValueError("coreset must be a fraction in (0, 1], got %r" % (self.coreset,))
-        if int(self.patch_size) != self.patch_size or self.patch_size < 1:
-            raise ValueError("patch_size must be a positive integer, got %r" % (self.patch_size,))
-        if int(self.embedding_dim) != self.embedding_dim or self.embedding_dim < 1:
-            raise ValueError("embedding_dim must be a positive integer, got %r" % (self.embedding_dim,))
-        if int(self.n_neighbors) != self.n_neighbors or self.n_neighbors < 1:
-            raise ValueError("n_neighbors must be a positive integer, got %r" % (self.n_neighbors,))
+        check_knn_method(self.knn)
+        check_real_param("coreset", self.coreset, 0.0, 1.0, low_inclusive=False)
+        for name in ("patch_size", "embedding_dim", "n_neighbors", "n_calibration", "batch_size"):
+            check_int_param(name, getattr(self, name))
+        check_int_param("projection_dim", self.projection_dim, allow_none=True)
+        check_real_param("sigma", self.sigma, 0.0, allow_none=True)
         if self.precision not in _PRECISIONS:
             raise ValueError("precision must be one of %s, got %r" % (sorted(_PRECISIONS), self.precision))
-        if int(self.n_calibration) != self.n_calibration or self.n_calibration < 1:
-            raise ValueError("n_calibration must be a positive integer, got %r" % (self.n_calibration,))
-        if self.sigma is not None and self.sigma < 0:
-            raise ValueError("sigma must be >= 0, got %r" % (self.sigma,))
 
     def _embed(self, images, device, log_progress=False):
         """Yield (start, embeddings (B, h, w, D)) for validated images."""
@@ -190,17 +192,17 @@ class PatchCore(BaseAnomalyDetector):
 
     # -------------------------------------------------------------------- fit
     def _fit_images(self, images):
-        self._check_params()
-        rng = np.random.RandomState(self.random_state) if not isinstance(
-            self.random_state, np.random.RandomState) else self.random_state
+        rng = check_random_state(self.random_state)
         device = resolve_device(self.device)
         self.device_ = device
         self.geometry_ = ImageGeometry(self.image_size, self.crop_size)
         dtype = _PRECISIONS[self.precision]
-        self.backbone_ = make_backbone(self.backbone, self.layers, self.weights).to(device=device, dtype=dtype)
+        projection_seed = rng.randint(2**31 - 1)
+        with seeded_cpu_rng(projection_seed):  # only random weights (weights=None) draw from it
+            backbone = make_backbone(self.backbone, self.layers, self.weights)
+        self.backbone_ = backbone.to(device=device, dtype=dtype)
         self.embedder_ = LocallyAwarePatchEmbedding(self.patch_size, self.embedding_dim)
         n_images = len(images)
-        projection_seed = rng.randint(2**31 - 1)
         # evenly spread over the training set; all images when there are few
         n_calibration = min(n_images, int(self.n_calibration))
         calibration_ids = np.unique(np.linspace(0, n_images - 1, n_calibration).round().astype(np.int64))
@@ -243,8 +245,7 @@ class PatchCore(BaseAnomalyDetector):
         if n_images > 1:
             scores = self._leave_one_out_scores(calibration, calibration_ids)
         else:
-            warnings.warn("PatchCore was fitted on a single image: offset_ uses its in-sample "
-                          "score, which is optimistically low; fit on more normal images")
+            self._warn_single_image()
             scores = self._image_scores(calibration, None)[0].cpu().numpy()
         times["calibration"] = time.perf_counter() - tic
         self.fit_times_ = times

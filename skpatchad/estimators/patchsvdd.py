@@ -8,10 +8,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..features.knn import NearestNeighbors
+from ..features._device import seeded_cpu_rng
+from ..features.knn import NearestNeighbors, check_knn_method
 from ..features.patch_encoders import (HierarchicalPatchEncoder, PositionClassifier, SmallPatchEncoder,
                                        neighbour_pair_corners, pair_corners)
-from ._base import PatchEmbeddingDetector
+from ._base import PatchEmbeddingDetector, check_int_param, check_real_param
 
 _ENCODERS = ("trained", "random", "raw")
 EPOCHS_CPU = 40
@@ -100,6 +101,10 @@ class PatchSVDD(PatchEmbeddingDetector):
     Attributes
     ----------
     encoder_ : HierarchicalPatchEncoder or None
+    inference_params_ : dict
+        ``patch_size``, ``stride_big`` and ``stride_small`` as fitted. Scoring raises a
+        ValueError if one of them was changed with ``set_params`` since ``fit`` (the
+        bank and ``offset_`` depend on it).
     schedule_ : dict
         The width, epochs, patches_per_image and batch_size used.
     training_curve_ : list of dict
@@ -117,6 +122,8 @@ class PatchSVDD(PatchEmbeddingDetector):
     >>> train = load_sample("train")
     >>> model = PatchSVDD(epochs=2, random_state=0).fit(train.images)  # doctest: +SKIP
     """
+
+    _inference_params = ("patch_size", "stride_big", "stride_small")
 
     def __init__(self, lambda_svdd=1e-3, embedding_dim=64, patch_size=64, stride_big=16, stride_small=4,
                  encoder="trained", schedule="cpu", width=None, epochs=None, patches_per_image=None, batch_size=None,
@@ -151,8 +158,9 @@ class PatchSVDD(PatchEmbeddingDetector):
             raise ValueError("encoder must be one of %s, got %r" % (_ENCODERS, self.encoder))
         if self.patch_size not in (32, 64):
             raise ValueError("patch_size must be 32 or 64, got %r" % (self.patch_size,))
-        if not self.lambda_svdd >= 0:
-            raise ValueError("lambda_svdd must be >= 0, got %r" % (self.lambda_svdd,))
+        check_knn_method(self.knn)
+        check_real_param("lambda_svdd", self.lambda_svdd, 0.0)
+        check_real_param("learning_rate", self.learning_rate, 0.0, low_inclusive=False)
         if self.schedule not in SCHEDULES:
             raise ValueError("schedule must be one of %s, got %r" % (tuple(SCHEDULES), self.schedule))
         self.schedule_ = {name: default if getattr(self, name) is None else getattr(self, name)
@@ -160,11 +168,7 @@ class PatchSVDD(PatchEmbeddingDetector):
         values = dict(self.schedule_, embedding_dim=self.embedding_dim, stride_big=self.stride_big,
                       stride_small=self.stride_small, n_calibration=self.n_calibration)
         for name, value in values.items():
-            if name == "epochs":
-                if int(value) != value or value < 0:
-                    raise ValueError("epochs must be a non-negative integer, got %r" % (value,))
-            elif int(value) != value or value < 1:
-                raise ValueError("%s must be a positive integer, got %r" % (name, value))
+            check_int_param(name, value, minimum=0 if name == "epochs" else 1)
         if self.image_size < self.patch_size:
             raise ValueError("image_size must be at least patch_size")
         small = self.patch_size // 2
@@ -255,11 +259,12 @@ class PatchSVDD(PatchEmbeddingDetector):
         if self.encoder == "raw":
             self.encoder_ = None
         else:
-            torch.manual_seed(int(seed))  # weight initialisation
-            small = SmallPatchEncoder(self.embedding_dim, self.patch_size // 2, int(self.schedule_["width"]))
-            self.encoder_ = HierarchicalPatchEncoder(small, self.embedding_dim).to(device)
-            if self.encoder == "trained" and self.schedule_["epochs"] > 0:
-                self._train(data, generator)
+            # weight initialisation of the encoder and, in _train, of the position classifiers
+            with seeded_cpu_rng(seed):
+                small = SmallPatchEncoder(self.embedding_dim, self.patch_size // 2, int(self.schedule_["width"]))
+                self.encoder_ = HierarchicalPatchEncoder(small, self.embedding_dim).to(device)
+                if self.encoder == "trained" and self.schedule_["epochs"] > 0:
+                    self._train(data, generator)
         for parameter in (self.encoder_.parameters() if self.encoder_ is not None else []):
             parameter.requires_grad_(False)
         return self._fit_bank(data, seed)
@@ -285,6 +290,7 @@ class PatchSVDD(PatchEmbeddingDetector):
         # leave-one-image-out scores of a few training images set the threshold
         chosen = self._calibration_images(len(data), seed)
         if len(data) == 1:
+            self._warn_single_image()
             return self._scores_from_features(big[:1], small[:1], None)[0].cpu().numpy()
         return self._scores_from_features(big[chosen], small[chosen], chosen)[0].cpu().numpy()
 

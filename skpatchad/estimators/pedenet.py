@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..features.knn import NearestNeighbors
+from ..features._device import seeded_cpu_rng
+from ..features.knn import NearestNeighbors, check_knn_method
 from ..features.maps import covering_mean
 from ..features.patch_encoders import (HierarchicalPatchEncoder, PEDENetSmallEncoder, PositionClassifier,
                                        neighbour_pair_corners)
-from ._base import PatchEmbeddingDetector
+from ._base import PatchEmbeddingDetector, check_int_param, check_real_param
 
 _SCORES = ("nn", "energy")
 _PATCH_SIZES = (36, 72)  # the sub-patch encoder alone, or the hierarchical encoder on its 2x2 grid
@@ -206,7 +207,11 @@ class PEDENet(PatchEmbeddingDetector):
     Attributes
     ----------
     encoder_ : HierarchicalPatchEncoder
-        PE network (its ``.small`` is the sub-patch encoder).
+    inference_params_ : dict
+        ``score``, ``patch_size``, ``stride`` and ``stride_small`` as fitted. Scoring
+        raises a ValueError if one of them was changed with ``set_params`` since ``fit``
+        (the bank and ``offset_`` depend on it). PE network (its ``.small`` is the sub-
+        patch encoder).
     density_ : DensityEstimator
         DE network.
     position_ : PositionClassifier
@@ -234,6 +239,8 @@ class PEDENet(PatchEmbeddingDetector):
     ...                 random_state=0).fit(train.images)  # doctest: +SKIP
     >>> maps = model.predict_map(load_sample("test").images)  # doctest: +SKIP
     """
+
+    _inference_params = ("score", "patch_size", "stride", "stride_small")
 
     def __init__(self, n_components=4, lambda_energy=0.001, lambda_position=1.0, lambda_cov=5e-5,
                  embedding_dim=64, patch_size=72, stride=8, stride_small=None, epochs=30, patches_per_image=10, batch_size=128,
@@ -263,22 +270,18 @@ class PEDENet(PatchEmbeddingDetector):
 
     # ------------------------------------------------------------------ utils
     def _check_params(self):
+        check_knn_method(self.knn)
         if self.score not in _SCORES:
             raise ValueError("score must be one of %s, got %r" % (_SCORES, self.score))
         if self.patch_size not in _PATCH_SIZES:
             raise ValueError("patch_size must be one of %s, got %r" % (_PATCH_SIZES, self.patch_size))
         for name in ("lambda_energy", "lambda_position", "lambda_cov"):
-            if not getattr(self, name) >= 0:  # also rejects NaN
-                raise ValueError("%s must be >= 0, got %r" % (name, getattr(self, name)))
-        if not self.learning_rate > 0:
-            raise ValueError("learning_rate must be > 0, got %r" % (self.learning_rate,))
+            check_real_param(name, getattr(self, name), 0.0)
+        check_real_param("learning_rate", self.learning_rate, 0.0, low_inclusive=False)
         for name in ("n_components", "embedding_dim", "stride", "batch_size",
                      "n_calibration", "patches_per_image"):
-            value = getattr(self, name)
-            if int(value) != value or value < 1:
-                raise ValueError("%s must be a positive integer, got %r" % (name, value))
-        if int(self.epochs) != self.epochs or self.epochs < 0:
-            raise ValueError("epochs must be a non-negative integer, got %r" % (self.epochs,))
+            check_int_param(name, getattr(self, name))
+        check_int_param("epochs", self.epochs, minimum=0)
         # LP needs a patch and one neighbour (offset K + K/8 at most) inside the image
         if self.image_size < 2 * self.patch_size + self.patch_size // 8:
             raise ValueError("image_size must be at least %d for patch_size %d"
@@ -387,16 +390,16 @@ class PEDENet(PatchEmbeddingDetector):
         seed, generator, data = self._start_fit(images)
         device = self.device_
 
-        torch.manual_seed(int(seed))  # weight initialisation
         dim = int(self.embedding_dim)
-        self.encoder_ = HierarchicalPatchEncoder(PEDENetSmallEncoder(dim), dim).to(device)
-        self.density_ = DensityEstimator(dim, int(self.n_components)).to(device)
-        self.position_ = PositionClassifier(dim).to(device)
-        networks = (self.encoder_, self.density_, self.position_)
-        self.n_parameters_ = sum(p.numel() for net in networks for p in net.parameters())
-        self.training_curve_ = []
-        if self.epochs > 0:
-            self._train(data, generator)
+        with seeded_cpu_rng(seed):  # weight initialisation (training samples from `generator`)
+            self.encoder_ = HierarchicalPatchEncoder(PEDENetSmallEncoder(dim), dim).to(device)
+            self.density_ = DensityEstimator(dim, int(self.n_components)).to(device)
+            self.position_ = PositionClassifier(dim).to(device)
+            networks = (self.encoder_, self.density_, self.position_)
+            self.n_parameters_ = sum(p.numel() for net in networks for p in net.parameters())
+            self.training_curve_ = []
+            if self.epochs > 0:
+                self._train(data, generator)
         for net in networks:
             for parameter in net.parameters():
                 parameter.requires_grad_(False)
@@ -425,6 +428,7 @@ class PEDENet(PatchEmbeddingDetector):
         # leave-one-image-out scores of a few training images set the threshold
         chosen = self._calibration_images(len(data), seed)
         if len(data) == 1:  # nothing to leave out against: score the image against itself
+            self._warn_single_image()
             chosen = None
         pick = slice(0, 1) if chosen is None else chosen
         small_chosen = None if small_features is None else small_features[pick]

@@ -7,7 +7,7 @@ from sklearn.utils.validation import check_is_fitted
 from ..features.maps import stitch_tiles, tile_boxes
 from ..features.preprocessing import _pair
 from ..utils import image_sizes
-from ._base import BaseAnomalyDetector
+from ._base import BaseAnomalyDetector, check_real_param
 
 
 def _tiles(images, tile, overlap):
@@ -78,9 +78,10 @@ class TiledDetector(BaseAnomalyDetector):
                              % type(self.estimator).__name__)
         return _pair(tile, "tile_size")
 
+    def _check_params(self):
+        check_real_param("overlap", self.overlap, 0.0, 0.5)
+
     def _fit_images(self, images):
-        if not 0.0 <= float(self.overlap) <= 0.5:
-            raise ValueError("overlap must be in [0, 0.5], got %r" % (self.overlap,))
         self.tile_size_ = self._resolve_tile_size()
         crops, _ = _tiles(images, self.tile_size_, 0.0)
         self._log("fitting %s on %d tiles of %d images" % (type(self.estimator).__name__, len(crops), len(images)))

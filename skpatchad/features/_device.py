@@ -1,9 +1,24 @@
-"""Device resolution and device-free pickling shared by all estimators."""
+"""Device resolution, device-free pickling and seeded torch RNG, shared by all estimators."""
 
 import copy
 import warnings
+from contextlib import contextmanager
 
 import torch
+
+
+@contextmanager
+def seeded_cpu_rng(seed):
+    """Run the block with torch's global CPU generator seeded by ``seed``, then restore it.
+
+    Weight initialisation (and torch ops without an explicit generator) draw
+    from the global generator; seeding it for the block makes a fit depend on
+    ``random_state`` alone, and restoring it afterwards leaves the user's own
+    torch random stream exactly where it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(seed) % 2**63)
+        yield
 
 
 def resolve_device(device):

@@ -6,10 +6,36 @@ whatever the bank and query sizes (a 10^6 x 1536 bank with 10^5 queries needs
 the bank plus a few hundred MB). It runs on CPU or CUDA.
 """
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
+from ._device import seeded_cpu_rng
+
 _METHODS = ("exact", "pynndescent")
+
+
+def check_knn_method(method):
+    """Raise a ValueError unless ``method`` names a supported search (estimators check before fitting)."""
+    if not isinstance(method, str) or method not in _METHODS:
+        raise ValueError("knn method must be one of %s, got %r" % (_METHODS, method))
+
+
+@contextmanager
+def _torch_threads_kept():
+    """Restore torch's thread count afterwards.
+
+    pynndescent's numba code sets numba's thread count and puts it back to the
+    default (all cores) when done; both share the OpenMP runtime, so torch
+    would silently lose a ``torch.set_num_threads`` the user chose (e.g. one
+    thread per Dask worker) and oversubscribe the cores.
+    """
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 # pynndescent's search keeps a heap of size k: with k=1 it is a greedy walk that
 # stops in local minima (recall ~0.6 on 16-d Gaussian data). Searching at least
 # as many neighbours as the graph degree and keeping the first k fixes that.
@@ -55,12 +81,8 @@ def _fit_pruning(bank, dim, random_state):
     # Randomised SVD: the bound holds for any orthonormal basis, so approximate
     # principal axes only cost pruning power, never exactness; a full
     # eigendecomposition of a 12,288-d covariance (raw 64x64 patches) takes minutes.
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(0 if random_state is None else int(random_state) % 2**31)
-    try:
+    with seeded_cpu_rng(0 if random_state is None else int(random_state) % 2**31):
         _, _, vectors = torch.svd_lowrank(torch.from_numpy(sample) - mean, q=min(dim + 8, *sample.shape), niter=3)
-    finally:
-        torch.random.set_rng_state(generator_state)
     components = torch.linalg.qr(vectors[:, :dim])[0].T.contiguous()  # re-orthonormalised
     reduced = torch.cat([_reduce(torch.from_numpy(bank[i:i + 65536]), mean, components)
                          for i in range(0, len(bank), 65536)])
@@ -133,8 +155,7 @@ class NearestNeighbors:
 
     def __init__(self, method="exact", device="cpu", max_block_bytes=None, random_state=None,
                  dtype=torch.float32, pruning_dim=None):
-        if method not in _METHODS:
-            raise ValueError("knn method must be one of %s, got %r" % (_METHODS, method))
+        check_knn_method(method)
         self.method = method
         self.device = torch.device(device)
         self.max_block_bytes = None if max_block_bytes is None else int(max_block_bytes)
@@ -156,9 +177,10 @@ class NearestNeighbors:
             from pynndescent import NNDescent
 
             seed = None if self.random_state is None else int(np.random.RandomState(self.random_state).randint(2**31 - 1))
-            self.index_ = NNDescent(self.bank_, n_neighbors=min(30, len(self.bank_) - 1) or 1,
-                                    random_state=seed, n_jobs=1, compressed=False)
-            self.index_.prepare()
+            with _torch_threads_kept():
+                self.index_ = NNDescent(self.bank_, n_neighbors=min(30, len(self.bank_) - 1) or 1,
+                                        random_state=seed, n_jobs=1, compressed=False)
+                self.index_.prepare()
         return self
 
     def to(self, device):
@@ -233,7 +255,8 @@ class NearestNeighbors:
             return (distances, indices) if return_indices else distances
         query_np = queries.detach().cpu().numpy() if isinstance(queries, torch.Tensor) else queries
         search_k = min(n_bank, max(n_neighbors, _PYNNDESCENT_MIN_SEARCH_K))
-        indices, distances = self.index_.query(np.ascontiguousarray(query_np, dtype=np.float32), k=search_k)
+        with _torch_threads_kept():
+            indices, distances = self.index_.query(np.ascontiguousarray(query_np, dtype=np.float32), k=search_k)
         indices, distances = indices[:, :n_neighbors], distances[:, :n_neighbors]
         distances = torch.from_numpy(np.ascontiguousarray(distances, dtype=np.float32)).to(self.device)
         if not return_indices:

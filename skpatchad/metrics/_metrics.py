@@ -40,12 +40,16 @@ _LABEL_CONVENTION = (
 
 
 def _is_list_of_2d(y):
-    """True if ``y`` is a non-array sequence whose first element is 2-D.
+    """True if ``y`` is a sequence (or a 1-D object array) whose first element is 2-D.
 
     A list of masks may hold masks of different sizes, which numpy cannot
-    stack, so it has to be recognised before calling ``np.asarray``.
+    stack, so it has to be recognised before calling ``np.asarray``; an
+    object array of such masks is the same thing in array form.
     """
-    if isinstance(y, np.ndarray) or not isinstance(y, (list, tuple)):
+    if isinstance(y, np.ndarray):
+        if y.dtype != object or y.ndim != 1:
+            return False
+    elif not isinstance(y, (list, tuple)):
         return False
     return len(y) > 0 and np.ndim(y[0]) == 2
 
@@ -56,7 +60,7 @@ def _as_list_of_2d(arrays, name):
     Accepts an (N, H, W) array or a sequence of 2-D arrays (possibly of
     different shapes). Raises ValueError naming the offending index.
     """
-    if isinstance(arrays, np.ndarray):
+    if isinstance(arrays, np.ndarray) and arrays.dtype != object:
         if arrays.ndim != 3:
             raise ValueError(
                 "%s must have shape (N, H, W) or be a list of 2-D arrays, got "

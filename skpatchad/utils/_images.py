@@ -54,7 +54,7 @@ def _as_supported_dtype(image, index):
     if image.dtype == np.bool_:
         raise TypeError("image %d: boolean arrays are not images (is this a mask?)" % index)
     if np.issubdtype(image.dtype, np.integer):
-        if image.dtype == np.uint16:  # 16-bit industrial cameras and PNGs
+        if image.dtype.kind == "u" and image.dtype.itemsize == 2:  # 16-bit cameras and PNGs, either byte order
             return (image.astype(np.float32) / 65535.0)
         lo, hi = (int(image.min()), int(image.max())) if image.size else (0, 0)
         if lo < 0 or hi > 255:
@@ -98,6 +98,10 @@ def read_image(path, index=0):
                         "16-bit range [0, 65535]" % (index, path, lo, hi)
                     )
                 return array.astype(np.uint16)
+            if pil.mode == "F":
+                # 32-bit float TIFFs: converting to RGB would truncate [0, 1] to 0
+                # (black); as an array they get the float checks of any array
+                return np.asarray(pil)
             if pil.mode not in ("L", "RGB", "RGBA"):
                 pil = pil.convert("RGBA" if "A" in pil.mode or "transparency" in pil.info else "RGB")
             return np.asarray(pil)
@@ -193,8 +197,8 @@ def check_images(X, *, min_size=16, estimator_name="this estimator"):
     if hasattr(X, "tocsr") or type(X).__module__.startswith("scipy.sparse"):
         raise TypeError("X is a sparse matrix; images must be dense arrays, a list of arrays or file paths")
     if isinstance(X, np.ndarray):
-        if X.dtype == object:
-            items = list(X)
+        if X.dtype == object or (X.dtype.kind in "US" and X.ndim == 1):
+            items = list(X)  # images or paths of any sizes, e.g. np.array(list_of_paths)
         else:
             if X.ndim not in (3, 4):
                 raise ValueError(
@@ -203,10 +207,10 @@ def check_images(X, *, min_size=16, estimator_name="this estimator"):
                 )
             if X.shape[0] == 0:
                 raise ValueError("X is empty: at least one image is required")
-            if X.ndim == 3 and X.shape[2] in _CHANNELS[1:] and X.shape[2] < min_size:
+            if X.ndim == 3 and X.shape[2] in _CHANNELS and X.shape[2] < min_size:
                 raise ValueError(
                     "X has shape %s, which reads as %d grayscale images of %dx%d pixels; "
-                    "for a single RGB image pass X[np.newaxis] or [X]" % ((X.shape,) + X.shape)
+                    "for a single (H, W, C) image pass X[np.newaxis] or [X]" % ((X.shape,) + X.shape)
                 )
             items = list(X)
     elif hasattr(X, "__len__") and hasattr(X, "__getitem__"):
