@@ -240,6 +240,23 @@ def test_float_tiff_read_as_float_not_black(tmp_path, rng):
         list(check_images([path]))
 
 
+@pytest.mark.parametrize("orientation, turn", [(1, 0), (3, 2), (6, -1), (8, 1)])
+def test_exif_orientation_applied_to_files(tmp_path, orientation, turn):
+    # a phone photo stored 20x40 with "rotate 90" in its EXIF is shown 40x20:
+    # maps and masks drawn on the shown image must line up with it
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:6, :10] = 255
+    pil = Image.fromarray(stored)
+    exif = pil.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.png"
+    pil.save(path, exif=exif)
+    upright = np.rot90(stored, turn)
+    images = check_images([path])
+    assert image_sizes(images) == [upright.shape[:2]]  # from the header, before decoding
+    np.testing.assert_array_equal(images[0], upright)
+
+
 def test_big_endian_uint16_array(rng):
     values = rng.randint(0, 65536, size=(2, 20, 24)).astype(np.uint16)
     images = check_images(values.astype(">u2"))

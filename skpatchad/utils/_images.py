@@ -77,15 +77,26 @@ def _as_supported_dtype(image, index):
     raise TypeError("image %d: unsupported dtype %s" % (index, image.dtype))
 
 
+# EXIF orientations that rotate by 90 degrees, i.e. swap height and width
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
+
+
 def read_image(path, index=0):
-    """Read one image file with Pillow as an (H, W, C) uint8/uint16 array."""
-    from PIL import Image, UnidentifiedImageError
+    """Read one image file with Pillow as an (H, W, C) uint8/uint16/float32 array.
+
+    The EXIF orientation tag (set by cameras and phones) is applied, so the
+    array, and so the anomaly map, is upright as image viewers and annotation
+    tools show the photo.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError("image %d: file not found: %r" % (index, path))
     try:
         with Image.open(path) as pil:
+            pil = ImageOps.exif_transpose(pil)
             if pil.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(pil)
                 if array.dtype == np.uint8:
@@ -119,6 +130,8 @@ def _image_file_size(path, index):
     try:
         with Image.open(path) as pil:
             width, height = pil.size
+            if pil.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
+                width, height = height, width
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError("image %d: cannot read %r as an image (%s)" % (index, path, exc)) from exc
     return height, width
