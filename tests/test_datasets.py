@@ -213,6 +213,30 @@ def test_tiny_test_order_labels_masks(tiny_root):
     assert data.category == "widget" and data.split == "test"
 
 
+def test_exif_oriented_photo_loaded_upright_like_check_images(tmp_path):
+    # a camera photo stored 8x10 with "rotate 90" in its EXIF, its mask drawn on
+    # the upright 10x8 view: the loader must agree with check_images on paths
+    from skpatchad.utils import check_images
+
+    stored = _rgb(8, 10, 5)
+    pil = Image.fromarray(stored)
+    exif = pil.getexif()
+    exif[0x0112] = 6
+    cat = tmp_path / "mvtec" / "phone"
+    (cat / "train" / "good").mkdir(parents=True)
+    pil.save(cat / "train" / "good" / "000.png", exif=exif)
+    (cat / "test" / "dent").mkdir(parents=True)
+    pil.save(cat / "test" / "dent" / "000.png", exif=exif)
+    _save(cat / "ground_truth" / "dent" / "000_mask.png", _mask(10, 8, (0, 3, 0, 2)))
+    upright = np.rot90(stored, -1)
+    train = load_mvtec(str(tmp_path / "mvtec"), "phone", split="train")
+    np.testing.assert_array_equal(train.images[0], upright)
+    np.testing.assert_array_equal(check_images(list(train.filenames), min_size=1)[0], upright)
+    test = load_mvtec(str(tmp_path / "mvtec"), "phone", split="test")
+    assert test.images[0].shape == (10, 8, 3) and test.masks[0].shape == (10, 8)
+    np.testing.assert_array_equal(test.masks[0], _mask(10, 8, (0, 3, 0, 2)) // 255)
+
+
 def test_tiny_grayscale_stays_2d(tiny_root):
     data = load_mvtec(tiny_root, "gray", "test")
     assert data.images.shape == (2, 6, 8)

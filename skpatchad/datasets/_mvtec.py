@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 from sklearn.utils import Bunch
 
+from ..utils._images import upright, upright_size
+
 __all__ = ["load_mvtec", "load_sample", "sample_path"]
 
 _SPLITS = ("train", "test")
@@ -99,13 +101,15 @@ def _probe(path, size):
     """
     with Image.open(path) as image:
         mode = _output_mode(image, path)
-        stored_hw = (image.size[1], image.size[0])
+        width, height = upright_size(image)
+        stored_hw = (height, width)
     out_hw = stored_hw if size is None else size
     return stored_hw, out_hw + _NATIVE_MODES[mode]
 
 
 def _read_image(path, size):
     with Image.open(path) as image:
+        image = upright(image)  # as check_images decodes files
         mode = _output_mode(image, path)
         if image.mode != mode:
             image = image.convert(mode)
@@ -118,6 +122,7 @@ def _read_image(path, size):
 
 def _read_mask(path, image_hw, size):
     with Image.open(path) as mask:
+        mask = upright(mask)
         if mask.size != (image_hw[1], image_hw[0]):
             raise ValueError(
                 "Mask %s has size %dx%d (HxW) but its image has size %dx%d."

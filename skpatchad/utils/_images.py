@@ -82,6 +82,21 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 _EXIF_ORIENTATION = 0x0112
 
 
+def upright(pil):
+    """The Pillow image with its EXIF orientation applied (itself when it has none)."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(pil)
+
+
+def upright_size(pil):
+    """``(width, height)`` of :func:`upright` ``(pil)``, from the header alone."""
+    width, height = pil.size
+    if pil.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
+        return height, width
+    return width, height
+
+
 def read_image(path, index=0):
     """Read one image file with Pillow as an (H, W, C) uint8/uint16/float32 array.
 
@@ -89,14 +104,14 @@ def read_image(path, index=0):
     array, and so the anomaly map, is upright as image viewers and annotation
     tools show the photo.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError("image %d: file not found: %r" % (index, path))
     try:
         with Image.open(path) as pil:
-            pil = ImageOps.exif_transpose(pil)
+            pil = upright(pil)
             if pil.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(pil)
                 if array.dtype == np.uint8:
@@ -129,9 +144,7 @@ def _image_file_size(path, index):
         raise ValueError("image %d: file not found: %r" % (index, path))
     try:
         with Image.open(path) as pil:
-            width, height = pil.size
-            if pil.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
-                width, height = height, width
+            width, height = upright_size(pil)
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError("image %d: cannot read %r as an image (%s)" % (index, path, exc)) from exc
     return height, width
