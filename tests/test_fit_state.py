@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
 
 from skpatchad import PatchCore, PatchSVDD, PEDENet
 
@@ -23,6 +24,15 @@ ESTIMATORS = {
 }
 # a parameter of each that predictions read, and another valid value for it
 INFERENCE_PARAM = {"PatchCore": ("n_neighbors", 3), "PatchSVDD": ("stride_small", 4), "PEDENet": ("score", "energy")}
+
+
+def _assert_unfitted(model, test):
+    """No fitted attribute left, for sklearn's check as for our scoring."""
+    assert not [key for key in vars(model) if key.endswith("_") and not key.startswith("_")]
+    with pytest.raises(NotFittedError):
+        check_is_fitted(model)
+    with pytest.raises(NotFittedError):
+        model.predict(test)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +51,7 @@ def test_failed_refit_leaves_the_estimator_unfitted(name, images):
     model.set_params(knn="exact ")
     with pytest.raises(ValueError, match="knn method"):
         model.fit(train)
-    assert not [key for key in vars(model) if key.endswith("_") and not key.startswith("_")]
-    with pytest.raises(NotFittedError):
-        model.decision_function(test)
+    _assert_unfitted(model, test)
     model.set_params(knn="exact").fit(train)
     assert model.decision_function(test).shape == (3,)
 
@@ -61,8 +69,8 @@ def test_interrupted_refit_leaves_the_estimator_unfitted(name, images):
     model.interrupt = True
     with pytest.raises(KeyboardInterrupt):
         model.fit(train)
-    with pytest.raises(NotFittedError):
-        model.predict(test)
+    # nothing of the new fit's first steps (encoder, device, ...) is left either
+    _assert_unfitted(model, test)
 
 
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
@@ -127,6 +135,9 @@ def test_patchcore_sigma_may_change_after_fit(images):
     sharp_scores, sharp_maps = model.score_samples_and_maps(test)
     np.testing.assert_array_equal(sharp_scores, scores)
     assert sharp_maps.std() > maps.std()
+    model.set_params(sigma=-1.0)  # checked when used, not silently "no smoothing"
+    with pytest.raises(ValueError, match="sigma"):
+        model.predict_map(test)
 
 
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
@@ -144,6 +155,7 @@ def test_fitting_on_one_image_warns_about_the_threshold(name, images):
     (dict(batch_size=0), "batch_size"),
     (dict(batch_size=None), "batch_size"),
     (dict(batch_size=2.5), "batch_size"),
+    (dict(batch_size=8.0), "batch_size"),  # a float size fails later as a slice bound
     (dict(projection_dim=0), "projection_dim"),
     (dict(sigma="a"), "sigma"),
     (dict(sigma=float("nan")), "sigma"),
@@ -151,10 +163,10 @@ def test_fitting_on_one_image_warns_about_the_threshold(name, images):
     (dict(n_neighbors=0), "n_neighbors"),
     (dict(knn="faiss"), "knn method"),
 ])
-def test_patchcore_rejects_bad_parameters_before_any_work(params, match, images):
-    train, _ = images
+def test_patchcore_rejects_bad_parameters_before_any_work(params, match):
+    # X=None would fail its own check: the parameter error must come first
     with pytest.raises(ValueError, match=match):
-        ESTIMATORS["PatchCore"](**params).fit(train)
+        ESTIMATORS["PatchCore"](**params).fit(None)
 
 
 def test_numpy_scalars_from_a_search_grid_are_accepted(images):
@@ -165,7 +177,8 @@ def test_numpy_scalars_from_a_search_grid_are_accepted(images):
 
 @pytest.mark.parametrize("name", ["PatchSVDD", "PEDENet"])
 @pytest.mark.parametrize("param, value", [("learning_rate", 0), ("epochs", -1), ("batch_size", 0),
-                                          ("n_calibration", True), ("embedding_dim", 2.5)])
-def test_learned_encoders_reject_bad_parameters(name, param, value, images):
-    with pytest.raises(ValueError, match=param):
-        ESTIMATORS[name](**{param: value}).fit(images[0])
+                                          ("n_calibration", True), ("embedding_dim", 2.5),
+                                          ("embedding_dim", 16.0), ("batch_size", 8.0), ("knn", "faiss")])
+def test_learned_encoders_reject_bad_parameters_before_any_work(name, param, value):
+    with pytest.raises(ValueError, match=param if param != "knn" else "knn method"):
+        ESTIMATORS[name](**{param: value}).fit(None)

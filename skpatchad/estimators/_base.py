@@ -42,12 +42,12 @@ def _is_real(value):
 def check_int_param(name, value, minimum=1, allow_none=False):
     """Raise a ValueError naming ``name`` unless ``value`` is an integer >= ``minimum``.
 
-    Integral floats (``2.0``) and numpy integers pass; booleans, NaN and
-    strings do not.
+    Python and numpy integers pass; booleans, floats (even ``8.0``, which
+    would only fail later as a slice bound or a tensor size) and strings do not.
     """
     if allow_none and value is None:
         return
-    if not (_is_real(value) and int(value) == value and value >= minimum):
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum):
         kind = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, "an integer >= %d" % minimum)
         raise ValueError("%s must be %s%s, got %r" % (name, kind, " or None" if allow_none else "", value))
 
@@ -138,22 +138,33 @@ class BaseAnomalyDetector(TorchImageEstimatorMixin, OutlierMixin, BaseEstimator)
         self
         """
         # A fit that fails or is interrupted (e.g. stopped in a notebook) must not
-        # leave new networks next to an old bank and offset_: forget the old model
-        # first, so the estimator is either fitted anew or plainly unfitted.
+        # leave new networks next to an old bank and offset_: the old model is
+        # forgotten first and a failed fit's partial state afterwards, so the
+        # estimator is either fitted anew or plainly unfitted.
+        self._forget_fitted_state()
+        try:
+            self._check_contamination()
+            self._check_params()
+            images = self._training_images(X, y)
+            calibration = np.asarray(self._fit_images(images), dtype=np.float64)
+            self.inference_params_ = {name: getattr(self, name) for name in self._inference_params}
+            self.n_train_images_ = len(images)
+            self.train_scores_ = -calibration
+            if self.contamination == "auto":
+                self.offset_ = float(np.min(self.train_scores_))
+            else:
+                self.offset_ = float(np.percentile(self.train_scores_, 100.0 * self.contamination))
+        except BaseException:  # KeyboardInterrupt included
+            self._forget_fitted_state()
+            raise
+        return self
+
+    def _forget_fitted_state(self):
         for name in [name for name in vars(self) if name.endswith("_") and not name.startswith("_")]:
             delattr(self, name)
-        self._check_contamination()
-        self._check_params()
-        images = self._training_images(X, y)
-        calibration = np.asarray(self._fit_images(images), dtype=np.float64)
-        self.inference_params_ = {name: getattr(self, name) for name in self._inference_params}
-        self.n_train_images_ = len(images)
-        self.train_scores_ = -calibration
-        if self.contamination == "auto":
-            self.offset_ = float(np.min(self.train_scores_))
-        else:
-            self.offset_ = float(np.percentile(self.train_scores_, 100.0 * self.contamination))
-        return self
+
+    def __sklearn_is_fitted__(self):
+        return hasattr(self, "offset_")
 
     # ----------------------------------------------------------------- predict
     def _check_inference_params(self):
@@ -193,7 +204,9 @@ class BaseAnomalyDetector(TorchImageEstimatorMixin, OutlierMixin, BaseEstimator)
         return scores, maps
 
     def _map_sigma(self):
-        return getattr(self, "sigma", 0.0)
+        sigma = getattr(self, "sigma", 0.0)
+        check_real_param("sigma", sigma, 0.0, allow_none=True)  # may be set after fit
+        return sigma
 
     def score_samples(self, X):
         """Normality score of each image (higher = more normal; sklearn convention).

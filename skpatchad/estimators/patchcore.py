@@ -79,7 +79,9 @@ class PatchCore(BaseAnomalyDetector):
     device : "auto", "cpu" or "cuda", default="auto"
         Resolved in ``fit``; "auto" uses CUDA when available.
     random_state : int, RandomState or None, default=None
-        Seeds the coreset start point and projection.
+        Seeds the coreset start point and projection, and random backbone
+        weights (``weights=None``). None draws the seeds from numpy's global
+        generator, as scikit-learn does.
     verbose : int, default=0
         Print progress of feature extraction and coreset selection.
 

@@ -93,8 +93,10 @@ class PatchSVDD(PatchEmbeddingDetector):
     knn : {"exact", "pynndescent"}, default="exact"
     contamination : "auto" or float in (0, 0.5], default="auto"
     device : "auto", "cpu" or "cuda", default="auto"
-    random_state : int or None, default=None
-        Same value on CPU -> identical fitted model.
+    random_state : int, RandomState or None, default=None
+        Seeds weight initialisation, patch sampling and calibration: the same
+        int on CPU gives an identical fitted model. None draws the seed from
+        numpy's global generator, as scikit-learn does.
     verbose : int, default=0
         Print the loss per epoch.
 
@@ -210,9 +212,8 @@ class PatchSVDD(PatchEmbeddingDetector):
             label = label.to(first.device)
         return first, second, label
 
-    def _train(self, data, generator):
+    def _train(self, data, generator, classifiers):
         big, small = self.encoder_, self.encoder_.small
-        classifiers = torch.nn.ModuleList([PositionClassifier(self.embedding_dim) for _ in range(2)]).to(data.device)
         optimizer = torch.optim.Adam(list(big.parameters()) + list(classifiers.parameters()), lr=self.learning_rate)
         # the paper's data pipeline draws ``patches_per_image`` samples per image per epoch
         epochs, batch_size = int(self.schedule_["epochs"]), self.schedule_["batch_size"]
@@ -259,12 +260,13 @@ class PatchSVDD(PatchEmbeddingDetector):
         if self.encoder == "raw":
             self.encoder_ = None
         else:
-            # weight initialisation of the encoder and, in _train, of the position classifiers
-            with seeded_cpu_rng(seed):
+            with seeded_cpu_rng(seed):  # weight initialisation; training samples from `generator`
                 small = SmallPatchEncoder(self.embedding_dim, self.patch_size // 2, int(self.schedule_["width"]))
                 self.encoder_ = HierarchicalPatchEncoder(small, self.embedding_dim).to(device)
-                if self.encoder == "trained" and self.schedule_["epochs"] > 0:
-                    self._train(data, generator)
+                # one relative-position classifier per scale, used by training only
+                classifiers = torch.nn.ModuleList([PositionClassifier(self.embedding_dim) for _ in range(2)])
+            if self.encoder == "trained" and self.schedule_["epochs"] > 0:
+                self._train(data, generator, classifiers.to(device))
         for parameter in (self.encoder_.parameters() if self.encoder_ is not None else []):
             parameter.requires_grad_(False)
         return self._fit_bank(data, seed)

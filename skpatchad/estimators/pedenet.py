@@ -199,19 +199,21 @@ class PEDENet(PatchEmbeddingDetector):
     knn : {"exact", "pynndescent"}, default="exact"
     contamination : "auto" or float in (0, 0.5], default="auto"
     device : "auto", "cpu" or "cuda", default="auto"
-    random_state : int or None, default=None
-        Same value on CPU -> identical fitted model.
+    random_state : int, RandomState or None, default=None
+        Seeds weight initialisation, patch sampling and calibration: the same
+        int on CPU gives an identical fitted model. None draws the seed from
+        numpy's global generator, as scikit-learn does.
     verbose : int, default=0
         Print the losses per epoch.
 
     Attributes
     ----------
-    encoder_ : HierarchicalPatchEncoder
     inference_params_ : dict
         ``score``, ``patch_size``, ``stride`` and ``stride_small`` as fitted. Scoring
         raises a ValueError if one of them was changed with ``set_params`` since ``fit``
-        (the bank and ``offset_`` depend on it). PE network (its ``.small`` is the sub-
-        patch encoder).
+        (the bank and ``offset_`` depend on it).
+    encoder_ : HierarchicalPatchEncoder
+        PE network (its ``.small`` is the sub-patch encoder).
     density_ : DensityEstimator
         DE network.
     position_ : PositionClassifier
@@ -294,7 +296,8 @@ class PEDENet(PatchEmbeddingDetector):
             small = _PATCH_SIZES[0]
             if self.patch_size == small or self.score != "nn":
                 raise ValueError("stride_small needs patch_size=%d and score='nn'" % _PATCH_SIZES[1])
-            if int(self.stride_small) != self.stride_small or self.stride_small < 2 or self.stride_small % 2:
+            check_int_param("stride_small", self.stride_small, allow_none=True)
+            if self.stride_small % 2:
                 raise ValueError("stride_small must be an even positive integer or None, got %r"
                                  % (self.stride_small,))
             if (self.image_size - small) % self.stride_small:
@@ -391,15 +394,15 @@ class PEDENet(PatchEmbeddingDetector):
         device = self.device_
 
         dim = int(self.embedding_dim)
-        with seeded_cpu_rng(seed):  # weight initialisation (training samples from `generator`)
+        with seeded_cpu_rng(seed):  # weight initialisation; training samples from `generator`
             self.encoder_ = HierarchicalPatchEncoder(PEDENetSmallEncoder(dim), dim).to(device)
             self.density_ = DensityEstimator(dim, int(self.n_components)).to(device)
             self.position_ = PositionClassifier(dim).to(device)
-            networks = (self.encoder_, self.density_, self.position_)
-            self.n_parameters_ = sum(p.numel() for net in networks for p in net.parameters())
-            self.training_curve_ = []
-            if self.epochs > 0:
-                self._train(data, generator)
+        networks = (self.encoder_, self.density_, self.position_)
+        self.n_parameters_ = sum(p.numel() for net in networks for p in net.parameters())
+        self.training_curve_ = []
+        if self.epochs > 0:
+            self._train(data, generator)
         for net in networks:
             for parameter in net.parameters():
                 parameter.requires_grad_(False)

@@ -36,6 +36,8 @@ def _torch_threads_kept():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
 # pynndescent's search keeps a heap of size k: with k=1 it is a greedy walk that
 # stops in local minima (recall ~0.6 on 16-d Gaussian data). Searching at least
 # as many neighbours as the graph degree and keeping the first k fixes that.

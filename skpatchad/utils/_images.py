@@ -223,7 +223,7 @@ def check_images(X, *, min_size=16, estimator_name="this estimator"):
     if hasattr(X, "tocsr") or type(X).__module__.startswith("scipy.sparse"):
         raise TypeError("X is a sparse matrix; images must be dense arrays, a list of arrays or file paths")
     if isinstance(X, np.ndarray):
-        if X.dtype == object or (X.dtype.kind in "US" and X.ndim == 1):
+        if X.dtype == object or (X.dtype.kind == "U" and X.ndim == 1):
             items = list(X)  # images or paths of any sizes, e.g. np.array(list_of_paths)
         else:
             if X.ndim not in (3, 4):
