@@ -260,12 +260,13 @@ class PatchSVDD(PatchEmbeddingDetector):
         if self.encoder == "raw":
             self.encoder_ = None
         else:
+            train = self.encoder == "trained" and self.schedule_["epochs"] > 0
             with seeded_cpu_rng(seed):  # weight initialisation; training samples from `generator`
                 small = SmallPatchEncoder(self.embedding_dim, self.patch_size // 2, int(self.schedule_["width"]))
                 self.encoder_ = HierarchicalPatchEncoder(small, self.embedding_dim).to(device)
-                # one relative-position classifier per scale, used by training only
-                classifiers = torch.nn.ModuleList([PositionClassifier(self.embedding_dim) for _ in range(2)])
-            if self.encoder == "trained" and self.schedule_["epochs"] > 0:
+                if train:  # one relative-position classifier per scale
+                    classifiers = torch.nn.ModuleList([PositionClassifier(self.embedding_dim) for _ in range(2)])
+            if train:
                 self._train(data, generator, classifiers.to(device))
         for parameter in (self.encoder_.parameters() if self.encoder_ is not None else []):
             parameter.requires_grad_(False)

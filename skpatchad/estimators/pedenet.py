@@ -296,7 +296,7 @@ class PEDENet(PatchEmbeddingDetector):
             small = _PATCH_SIZES[0]
             if self.patch_size == small or self.score != "nn":
                 raise ValueError("stride_small needs patch_size=%d and score='nn'" % _PATCH_SIZES[1])
-            check_int_param("stride_small", self.stride_small, allow_none=True)
+            check_int_param("stride_small", self.stride_small)
             if self.stride_small % 2:
                 raise ValueError("stride_small must be an even positive integer or None, got %r"
                                  % (self.stride_small,))
