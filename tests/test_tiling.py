@@ -122,3 +122,56 @@ def test_grid_search_over_the_wrapped_detector_trains_on_normal_tiles(tiled_data
     assert np.all(np.isfinite(scores)) and np.all(scores > 0.5)
     # the refit saw the normal images only: 25 tiles of 96 pixels per 448x448 image
     assert search.best_estimator_.estimator_.n_train_images_ == 25 * int(np.sum(labels == 0))
+
+
+@pytest.mark.parametrize("length, tile, overlap, margin", [(1000, 256, 0.0, (16, 16)), (777, 96, 0.3, (12, 13)),
+                                                           (300, 128, 0.5, (32, 32)), (129, 128, 0.0, (8, 8))])
+def test_tile_starts_with_margins_leave_no_unseen_band(length, tile, overlap, margin):
+    starts = tile_starts(length, tile, overlap, margin)
+    assert starts[0] == 0 and starts[-1] + tile == length
+    seen = np.zeros(length, bool)
+    for s in starts:
+        seen[s + margin[0]:s + tile - margin[1]] = True
+    assert seen[margin[0]:length - margin[1]].all()
+    seen_length = tile - sum(margin)
+    gaps = np.diff(starts)
+    assert np.all(seen_length - gaps >= int(overlap * seen_length) - 1)
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.25])
+def test_stitching_takes_nothing_from_cropped_margins_inside_the_image(overlap):
+    """A tile's map outside its crop only extends border values: neighbours that saw those pixels decide."""
+    size, tile, margins = (300, 420), (64, 64), ((0.125, 0.125), (0.125, 0.125))  # a 64 -> 48 crop
+    boxes = tile_boxes(size, tile, overlap, margins)
+    field = _smooth_field(size)
+    tile_maps = []
+    for t, l, h, w in boxes:
+        tile_map = np.full((h, w), 1000.0)  # what the detector never saw
+        tile_map[8:-8, 8:-8] = field[t + 8:t + h - 8, l + 8:l + w - 8]
+        tile_maps.append(tile_map)
+    stitched = stitch_tiles(tile_maps, boxes, size, margins)
+    np.testing.assert_allclose(stitched[8:-8, 8:-8], field[8:-8, 8:-8], rtol=1e-5, atol=1e-6)
+    # the image border, which no tile saw, keeps the detector's own margin values
+    assert np.all(stitched[:8] == 1000.0) and np.all(stitched[:, -8:] == 1000.0)
+
+
+def _texture(rng, size):
+    noise = torch.from_numpy(rng.rand(1, 3, size // 4, size // 4).astype(np.float32))
+    smooth = F.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False)[0]
+    return (smooth.permute(1, 2, 0).numpy() * 200 + 20).astype(np.uint8)
+
+
+def test_tiled_detector_with_a_centre_crop_sees_the_band_between_tiles():
+    """With PatchCore cropping 64 -> 48, tiles 128 apart would never see rows 56..72 of a 128-pixel image."""
+    rng = np.random.RandomState(0)
+    train = np.stack([_texture(rng, 128) for _ in range(6)])
+    normal = np.stack([_texture(rng, 128) for _ in range(4)])
+    defect = _texture(rng, 128)
+    defect[58:70, 40:90] = (250, 0, 250)  # on the seam between the 2x2 tiles of 64
+    detector = PatchCore(image_size=64, crop_size=48, coreset=0.5, embedding_dim=64, random_state=0)
+    model = TiledDetector(detector, overlap=0.0).fit(train)
+    assert model.crop_margins_ == ((0.125, 0.125), (0.125, 0.125))
+    scores, maps = model.score_samples_and_maps(np.concatenate([normal, defect[None]]))
+    assert scores[-1] < scores[:-1].min()
+    peak = np.unravel_index(np.argmax(maps[-1]), maps[-1].shape)
+    assert 50 <= peak[0] <= 76 and 34 <= peak[1] <= 96

@@ -5,16 +5,16 @@ from sklearn.base import clone
 from sklearn.utils.validation import check_is_fitted
 
 from ..features.maps import stitch_tiles, tile_boxes
-from ..features.preprocessing import _pair
+from ..features.preprocessing import ImageGeometry, _pair
 from ..utils import image_sizes
 from ._base import BaseAnomalyDetector, check_real_param
 
 
-def _tiles(images, tile, overlap):
+def _tiles(images, tile, overlap, margins):
     """Crops of every image and, per image, its ``(boxes, first tile, n tiles)``."""
     crops, layout = [], []
     for image, size in zip(images, image_sizes(images)):
-        boxes = tile_boxes(size, tile, overlap)
+        boxes = tile_boxes(size, tile, overlap, margins)
         layout.append((boxes, len(crops), len(boxes)))
         crops.extend(image[top:top + height, left:left + width] for top, left, height, width in boxes)
     return crops, layout
@@ -40,7 +40,12 @@ class TiledDetector(BaseAnomalyDetector):
         Tile height and width in input pixels; None uses the detector's
         ``image_size``. Images not larger than a tile are used whole.
     overlap : float in [0, 0.5], default=0.25
-        Minimum overlap of neighbouring test tiles, as a fraction of the tile.
+        Minimum overlap of neighbouring test tiles, as a fraction of the part
+        of a tile the detector looks at. A detector with a ``crop_size``
+        (PatchCore's 256 -> 224 protocol) ignores the margin of each tile its
+        centre crop cuts away, so tiles are placed that much closer together:
+        every pixel inside the image border is seen by some tile, and the
+        stitched map takes no values from a cropped-away margin there.
         Training tiles do not overlap (beyond what covering the image needs),
         so the leave-one-image-out calibration of the detector does not find
         the same pixels in a neighbouring tile.
@@ -53,6 +58,9 @@ class TiledDetector(BaseAnomalyDetector):
     ----------
     estimator_ : the fitted detector (on tiles)
     tile_size_ : (int, int)
+    crop_margins_ : ((float, float), (float, float))
+        Fractions of a tile the detector's centre crop cuts away (top, bottom),
+        (left, right); zeros without a ``crop_size``.
     offset_ : float
     train_scores_ : ndarray
         Calibration ``score_samples`` of training tiles.
@@ -78,12 +86,19 @@ class TiledDetector(BaseAnomalyDetector):
                              % type(self.estimator).__name__)
         return _pair(tile, "tile_size")
 
+    def _resolve_crop_margins(self):
+        crop_size = getattr(self.estimator, "crop_size", None)
+        if crop_size is None:
+            return ((0.0, 0.0), (0.0, 0.0))
+        return ImageGeometry(self.estimator.image_size, crop_size).crop_margins()
+
     def _check_params(self):
         check_real_param("overlap", self.overlap, 0.0, 0.5)
 
     def _fit_images(self, images):
         self.tile_size_ = self._resolve_tile_size()
-        crops, _ = _tiles(images, self.tile_size_, 0.0)
+        self.crop_margins_ = self._resolve_crop_margins()
+        crops, _ = _tiles(images, self.tile_size_, 0.0, self.crop_margins_)
         self._log("fitting %s on %d tiles of %d images" % (type(self.estimator).__name__, len(crops), len(images)))
         self.estimator_ = clone(self.estimator).fit(crops)
         return -self.estimator_.train_scores_
@@ -96,7 +111,7 @@ class TiledDetector(BaseAnomalyDetector):
         # a few images at a time: a 2048x2048 image is already ~100 tiles
         for start in range(0, len(images), 4):
             chunk = images[start:start + 4]
-            crops, layout = _tiles(chunk, self.tile_size_, float(self.overlap))
+            crops, layout = _tiles(chunk, self.tile_size_, float(self.overlap), self.crop_margins_)
             if want_maps:
                 tile_scores, tile_maps = self.estimator_.score_samples_and_maps(crops)
             else:
@@ -104,5 +119,6 @@ class TiledDetector(BaseAnomalyDetector):
             for offset, ((boxes, first, count), size) in enumerate(zip(layout, image_sizes(chunk))):
                 scores[start + offset] = -np.min(tile_scores[first:first + count])
                 if want_maps:
-                    maps[start + offset] = stitch_tiles(tile_maps[first:first + count], boxes, size)
+                    maps[start + offset] = stitch_tiles(tile_maps[first:first + count], boxes, size,
+                                                          self.crop_margins_)
         return scores, maps

@@ -162,44 +162,67 @@ def covering_mean(scores, patch_size, stride, out_size):
     return (total / count.clamp_min(1.0))[:, 0]
 
 
-def tile_starts(length, tile, overlap):
+def tile_starts(length, tile, overlap, margin=(0, 0)):
     """Start offsets of tiles of size ``tile`` covering ``[0, length)``.
 
-    Neighbouring tiles overlap by at least ``overlap * tile`` pixels (spread
-    evenly; the last tile ends at ``length``). One tile when the axis is not
-    longer than ``tile``.
+    ``margin`` is the number of pixels at the start and at the end of a tile
+    that the detector does not look at (what its centre crop cuts away). The
+    parts of neighbouring tiles the detector *does* see overlap by at least
+    ``overlap`` times their length (spread evenly; the last tile ends at
+    ``length``), so no band between two tiles goes unseen. One tile when the
+    axis is not longer than ``tile``.
     """
     if length <= tile:
         return [0]
-    step = max(1, int(tile * (1.0 - overlap)))
+    seen = tile - margin[0] - margin[1]
+    step = max(1, int(seen * (1.0 - overlap)))
     n_tiles = int(np.ceil((length - tile) / step)) + 1
     return [int(s) for s in np.round(np.linspace(0, length - tile, n_tiles))]
 
 
-def tile_boxes(size, tile, overlap):
-    """``(top, left, height, width)`` of the tiles covering an image of ``size`` (H, W)."""
+def _margin_pixels(tile, fractions):
+    """Pixels at each end of a ``tile``-long axis that a crop of these fractions cuts away (rounded up)."""
+    return tuple(int(np.ceil(fraction * tile - 1e-6)) for fraction in fractions)
+
+
+def tile_boxes(size, tile, overlap, margins=((0.0, 0.0), (0.0, 0.0))):
+    """``(top, left, height, width)`` of the tiles covering an image of ``size`` (H, W).
+
+    ``margins`` are the fractions of a tile the detector crops away at the
+    top and bottom, and at the left and right (see
+    :meth:`ImageGeometry.crop_margins`).
+    """
     tile_h, tile_w = min(tile[0], size[0]), min(tile[1], size[1])
-    return [(top, left, tile_h, tile_w)
-            for top in tile_starts(size[0], tile_h, overlap)
-            for left in tile_starts(size[1], tile_w, overlap)]
+    tops = tile_starts(size[0], tile_h, overlap, _margin_pixels(tile_h, margins[0]))
+    lefts = tile_starts(size[1], tile_w, overlap, _margin_pixels(tile_w, margins[1]))
+    return [(top, left, tile_h, tile_w) for top in tops for left in lefts]
 
 
-def _blend_ramp(starts, index, tile):
-    """Weights along one axis of tile ``index``: linear ramps across its overlaps with the neighbours."""
+def _blend_ramp(starts, index, tile, margin):
+    """Weights along one axis of tile ``index``.
+
+    Zero on the tile's cropped-away margins where a neighbouring tile sees
+    those pixels, and linear ramps across the overlaps of the seen parts. The
+    outer margins of the first and last tiles lie on the image border, which
+    no tile sees: they keep the detector's own (border-extended) values, as
+    for an image scored untiled.
+    """
     position = np.arange(tile, dtype=np.float64) + 0.5
-    weight = np.ones(tile)
-    if index > 0:  # rises across the overlap with the previous tile
-        overlap = starts[index - 1] + tile - starts[index]
+    lo, hi = margin
+    first, last = index == 0, index + 1 == len(starts)
+    weight = ((position > (0 if first else lo)) & (position < (tile if last else tile - hi))).astype(np.float64)
+    if not first:  # rises across the overlap with the previous tile's seen part
+        overlap = starts[index - 1] + tile - hi - (starts[index] + lo)
         if overlap > 0:
-            weight *= np.clip(position / overlap, 0.0, 1.0)
-    if index + 1 < len(starts):  # falls across the overlap with the next tile
-        overlap = starts[index] + tile - starts[index + 1]
+            weight *= np.clip((position - lo) / overlap, 0.0, 1.0)
+    if not last:  # falls across the overlap with the next tile's seen part
+        overlap = starts[index] + tile - hi - (starts[index + 1] + lo)
         if overlap > 0:
-            weight *= np.clip((tile - position) / overlap, 0.0, 1.0)
+            weight *= np.clip((tile - hi - position) / overlap, 0.0, 1.0)
     return weight
 
 
-def stitch_tiles(tile_maps, boxes, size):
+def stitch_tiles(tile_maps, boxes, size, margins=((0.0, 0.0), (0.0, 0.0))):
     """Blend per-tile maps into one map of ``size`` without seams.
 
     Each tile's map is weighted by a separable ramp that falls linearly to
@@ -207,13 +230,18 @@ def stitch_tiles(tile_maps, boxes, size):
     is divided by the summed weights. Where two tiles overlap their weights
     sum to one, so a field that the tiles agree on is reproduced exactly, and
     a disagreement between tiles is spread across the whole overlap instead
-    of showing as a step at a tile border.
+    of showing as a step at a tile border. A tile's cropped-away margins,
+    where its map only extends the values at the crop border, get no weight
+    inside the image: there the neighbouring tile, which saw those pixels,
+    decides.
 
     Parameters
     ----------
     tile_maps : list of ndarray (h_t, w_t)
     boxes : list of (top, left, h_t, w_t), as from :func:`tile_boxes`
     size : (int, int)
+    margins : ((float, float), (float, float))
+        As passed to :func:`tile_boxes`.
 
     Returns
     -------
@@ -224,7 +252,8 @@ def stitch_tiles(tile_maps, boxes, size):
     total = np.zeros(size, dtype=np.float64)
     weights = np.zeros(size, dtype=np.float64)
     for tile_map, (top, left, height, width) in zip(tile_maps, boxes):
-        weight = np.outer(_blend_ramp(tops, tops.index(top), height), _blend_ramp(lefts, lefts.index(left), width))
+        weight = np.outer(_blend_ramp(tops, tops.index(top), height, _margin_pixels(height, margins[0])),
+                          _blend_ramp(lefts, lefts.index(left), width, _margin_pixels(width, margins[1])))
         total[top:top + height, left:left + width] += weight * tile_map
         weights[top:top + height, left:left + width] += weight
     return (total / weights).astype(np.float32)

@@ -52,6 +52,14 @@ class ImageGeometry:
         """(height, width) of the tensor the network sees."""
         return self.resize if self.crop is None else self.crop[2:]
 
+    def crop_margins(self):
+        """Fractions of an image the centre crop cuts away: ``((top, bottom), (left, right))``."""
+        if self.crop is None:
+            return ((0.0, 0.0), (0.0, 0.0))
+        top, left, height, width = self.crop
+        return tuple((start / full, (full - start - kept) / full)
+                     for start, kept, full in ((top, height, self.resize[0]), (left, width, self.resize[1])))
+
     def apply(self, batch):
         """Resize (and crop) a float batch ``(B, 3, H, W)``."""
         if tuple(batch.shape[-2:]) != self.resize:
