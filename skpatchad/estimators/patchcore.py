@@ -13,7 +13,8 @@ from ..features.coreset import greedy_coreset
 from ..features.knn import NearestNeighbors, check_knn_method
 from ..features.patchcore import LocallyAwarePatchEmbedding, StreamedEmbeddings
 from ..features.preprocessing import ImageGeometry
-from ._base import BaseAnomalyDetector, check_int_param, check_real_param
+from ..utils._params import check_int_param, check_real_param
+from ._base import BaseAnomalyDetector
 
 
 _PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

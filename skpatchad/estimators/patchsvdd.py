@@ -12,7 +12,8 @@ from ..features._device import seeded_cpu_rng
 from ..features.knn import NearestNeighbors, check_knn_method
 from ..features.patch_encoders import (HierarchicalPatchEncoder, PositionClassifier, SmallPatchEncoder,
                                        neighbour_pair_corners, pair_corners)
-from ._base import PatchEmbeddingDetector, check_int_param, check_real_param
+from ..utils._params import check_int_param, check_real_param
+from ._base import PatchEmbeddingDetector
 
 _ENCODERS = ("trained", "random", "raw")
 EPOCHS_CPU = 40

@@ -30,7 +30,8 @@ from ..features.knn import NearestNeighbors, check_knn_method
 from ..features.maps import covering_mean
 from ..features.patch_encoders import (HierarchicalPatchEncoder, PEDENetSmallEncoder, PositionClassifier,
                                        neighbour_pair_corners)
-from ._base import PatchEmbeddingDetector, check_int_param, check_real_param
+from ..utils._params import check_int_param, check_real_param
+from ._base import PatchEmbeddingDetector
 
 _SCORES = ("nn", "energy")
 _PATCH_SIZES = (36, 72)  # the sub-patch encoder alone, or the hierarchical encoder on its 2x2 grid

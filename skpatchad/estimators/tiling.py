@@ -7,7 +7,8 @@ from sklearn.utils.validation import check_is_fitted
 from ..features.maps import stitch_tiles, tile_boxes
 from ..features.preprocessing import ImageGeometry, _pair
 from ..utils import image_sizes
-from ._base import BaseAnomalyDetector, check_real_param
+from ..utils._params import check_real_param
+from ._base import BaseAnomalyDetector
 
 
 def _tiles(images, tile, overlap, margins):

@@ -137,6 +137,14 @@ def grid_to_maps(grids, geometry, output_sizes, sigma=4.0, out=None):
     return result
 
 
+def finest_grid(feature_maps):
+    """The (h, w) of the largest grid among multi-level feature maps ``(B, C, h, w)``.
+
+    Coarser levels are upsampled to it, whatever order the layers were named in.
+    """
+    return max((tuple(m.shape[-2:]) for m in feature_maps), key=lambda shape: shape[0] * shape[1])
+
+
 def stack_if_same_size(maps):
     """Return an (N, H, W) array when all maps share one size, else the list."""
     if isinstance(maps, np.ndarray):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .coreset import projection_matrix
+from .maps import finest_grid
 
 # Keep every full training embedding when that costs at most this many bytes,
 # or when the coreset projection would not even halve it: one backbone pass
@@ -37,8 +38,8 @@ class LocallyAwarePatchEmbedding(nn.Module):
     """Turn multi-level backbone maps into one patch embedding per grid cell.
 
     Each level is averaged over a ``patch_size`` neighbourhood (the paper's
-    locally aware patch aggregation), deeper levels are bilinearly upsampled to
-    the grid of the first (shallowest) one, each level is projected to
+    locally aware patch aggregation), coarser levels are bilinearly upsampled
+    to the finest grid among them (whatever order the layers come in), each level is projected to
     ``embedding_dim // n_levels`` channels by adaptive average pooling (levels
     already smaller are kept), and the levels are concatenated.
 
@@ -56,13 +57,13 @@ class LocallyAwarePatchEmbedding(nn.Module):
         self.embedding_dim = int(embedding_dim)
 
     def forward(self, feature_maps):
-        """Return embeddings of shape (B, h, w, D') on the first map's grid."""
-        grid = feature_maps[0].shape[-2:]
+        """Return embeddings of shape (B, h, w, D') on the finest map's grid."""
+        grid = finest_grid(feature_maps)
         per_level = max(1, self.embedding_dim // len(feature_maps))
         levels = []
         for features in feature_maps:
             features = local_average(features.float(), self.patch_size)
-            if features.shape[-2:] != grid:
+            if tuple(features.shape[-2:]) != grid:
                 features = F.interpolate(features, size=grid, mode="bilinear", align_corners=False)
             levels.append(project_channels(features, per_level))
         return torch.cat(levels, dim=1).permute(0, 2, 3, 1).contiguous()

@@ -4,11 +4,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ..utils import check_images
-from ._device import TorchImageEstimatorMixin, resolve_device, runtime_device
+from ..utils._params import check_int_param
+from ._device import TorchImageEstimatorMixin, resolve_device, runtime_device, seeded_cpu_rng
 from .backbone import extract_feature_maps, make_backbone
+from .maps import finest_grid
 from .preprocessing import ImageGeometry
 
 
@@ -16,8 +19,8 @@ class BackboneFeatures(TorchImageEstimatorMixin, TransformerMixin, BaseEstimator
     """Intermediate feature maps of a pretrained CNN, as a scikit-learn transformer.
 
     ``transform`` returns one array ``(N, h, w, C)``: the requested layers,
-    deeper ones bilinearly upsampled to the grid of the first, concatenated
-    along channels. Images of any size are resized to ``image_size`` first.
+    coarser ones bilinearly upsampled to the finest grid among them,
+    concatenated along channels in the order of ``layers``. Images of any size are resized to ``image_size`` first.
 
     Parameters
     ----------
@@ -34,6 +37,9 @@ class BackboneFeatures(TorchImageEstimatorMixin, TransformerMixin, BaseEstimator
     batch_size : int, default=8
     device : "auto", "cpu" or "cuda", default="auto"
         Resolved in ``fit``: CUDA when present.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the random initialisation when ``weights=None``; torch's global
+        random stream is left where it was.
 
     Attributes
     ----------
@@ -51,7 +57,7 @@ class BackboneFeatures(TorchImageEstimatorMixin, TransformerMixin, BaseEstimator
     """
 
     def __init__(self, backbone="efficientnet_lite0", layers=None, weights="DEFAULT", image_size=256,
-                 crop_size=None, batch_size=8, device="auto"):
+                 crop_size=None, batch_size=8, device="auto", random_state=None):
         self.backbone = backbone
         self.layers = layers
         self.weights = weights
@@ -59,12 +65,19 @@ class BackboneFeatures(TorchImageEstimatorMixin, TransformerMixin, BaseEstimator
         self.crop_size = crop_size
         self.batch_size = batch_size
         self.device = device
+        self.random_state = random_state
 
     def fit(self, X=None, y=None):
         """Build the network (no learning: the backbone is frozen)."""
-        self.device_ = resolve_device(self.device)
-        self.geometry_ = ImageGeometry(self.image_size, self.crop_size)
-        self.backbone_ = make_backbone(self.backbone, self.layers, self.weights).to(self.device_)
+        for name in ("backbone_", "geometry_", "device_"):  # a failed fit leaves no old network behind
+            self.__dict__.pop(name, None)
+        check_int_param("batch_size", self.batch_size)
+        geometry = ImageGeometry(self.image_size, self.crop_size)
+        device = resolve_device(self.device)
+        seed = check_random_state(self.random_state).randint(2**31 - 1)
+        with seeded_cpu_rng(seed):  # only random weights (weights=None) draw from it
+            backbone = make_backbone(self.backbone, self.layers, self.weights)
+        self.backbone_, self.geometry_, self.device_ = backbone.to(device), geometry, device
         return self
 
     def transform(self, X):
@@ -74,13 +87,8 @@ class BackboneFeatures(TorchImageEstimatorMixin, TransformerMixin, BaseEstimator
         self.backbone_.to(device)
         chunks = []
         for _, maps in extract_feature_maps(self.backbone_, images, self.geometry_, self.batch_size, device):
-            grid = maps[0].shape[-2:]
-            levels = [m if m.shape[-2:] == grid else
+            grid = finest_grid(maps)
+            levels = [m if tuple(m.shape[-2:]) == grid else
                       F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps]
             chunks.append(torch.cat(levels, 1).permute(0, 2, 3, 1).float().cpu().numpy())
         return np.concatenate(chunks)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.requires_fit = False
-        return tags
