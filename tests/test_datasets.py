@@ -404,3 +404,33 @@ def test_sample_matches_real_data(real_root, real_test_224):
         np.testing.assert_array_equal(sample.images[i], real.images[j])
         np.testing.assert_array_equal(sample.masks[i], real.masks[j])
         assert sample.labels[i] == real.labels[j]
+
+
+def test_hidden_files_and_folders_are_ignored(tiny_root):
+    cat = tiny_root / "widget"
+    (cat / "test" / "good" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    _save(cat / "test" / ".ipynb_checkpoints" / "000.png", _rgb(8, 10, 5))
+    (tiny_root / ".cache" / "train").mkdir(parents=True)
+    data = load_mvtec(tiny_root, "widget", "test")
+    assert len(data.labels) == 4 and ".ipynb_checkpoints" not in set(data.defect_types)
+    with pytest.raises(FileNotFoundError) as excinfo:
+        load_mvtec(tiny_root, "carpet")
+    assert ".cache" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("split, broken", [("train", "train/good/001.png"), ("test", "ground_truth/crack/000_mask.png")])
+def test_unreadable_file_is_named(tiny_root, split, broken):
+    path = tiny_root / "widget" / broken
+    path.write_bytes(path.read_bytes()[:60])  # truncated: header fine, pixel data cut off
+    with pytest.raises(ValueError, match="Cannot read .*%s" % path.name):
+        load_mvtec(tiny_root, "widget", split)
+    path.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="Cannot read .*%s" % path.name):
+        load_mvtec(tiny_root, "widget", split)
+
+
+def test_mask_extension_in_any_case(tiny_root):
+    gt = tiny_root / "widget" / "ground_truth" / "crack"
+    (gt / "000_mask.png").rename(gt / "000_mask.PNG")
+    data = load_mvtec(tiny_root, "widget", "test")
+    assert data.masks[data.defect_types == "crack"].sum() == 16

@@ -12,11 +12,12 @@ importing torch.
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from numbers import Integral
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from sklearn.utils import Bunch
 
 from ..utils._images import upright, upright_size
@@ -93,13 +94,32 @@ def _output_mode(image, path):
     )
 
 
+@contextmanager
+def _open_image(path):
+    """``Image.open`` whose read and decode errors name the file.
+
+    Pillow's own errors (a truncated PNG, a macOS ``._000.png`` resource
+    fork) do not say which of a few hundred files is broken.
+    """
+    try:
+        with Image.open(path) as image:
+            yield image
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError("Cannot read %s as an image: %s" % (path, exc)) from exc
+
+
+def _is_hidden(path):
+    # .ipynb_checkpoints, .DS_Store, macOS "._000.png" resource forks
+    return path.name.startswith(".")
+
+
 def _probe(path, size):
     """Read only the header of ``path``.
 
     Returns the stored ``(height, width)`` and the shape of the array the
     image will be returned as.
     """
-    with Image.open(path) as image:
+    with _open_image(path) as image:
         mode = _output_mode(image, path)
         width, height = upright_size(image)
         stored_hw = (height, width)
@@ -108,7 +128,7 @@ def _probe(path, size):
 
 
 def _read_image(path, size):
-    with Image.open(path) as image:
+    with _open_image(path) as image:
         image = upright(image)  # as check_images decodes files
         mode = _output_mode(image, path)
         if image.mode != mode:
@@ -121,7 +141,7 @@ def _read_image(path, size):
 
 
 def _read_mask(path, image_hw, size):
-    with Image.open(path) as mask:
+    with _open_image(path) as mask:
         mask = upright(mask)
         if mask.size != (image_hw[1], image_hw[0]):
             raise ValueError(
@@ -141,7 +161,7 @@ def _list_images(directory):
     return sorted(
         p
         for p in directory.iterdir()
-        if p.is_file() and p.suffix.lower() in _IMAGE_EXTENSIONS
+        if p.is_file() and not _is_hidden(p) and p.suffix.lower() in _IMAGE_EXTENSIONS
     )
 
 
@@ -151,13 +171,13 @@ def _find_mask(gt_dir, defect_type, image_path):
     candidate = gt_dir / defect_type / (stem + ".png")
     if candidate.is_file():
         return candidate
-    # Fall back to other extensions for datasets converted to another format.
+    # Fall back to other extensions, in any case (000_mask.PNG, .tif), for
+    # datasets converted to another format.
     folder = gt_dir / defect_type
     if folder.is_dir():
-        for ext in _IMAGE_EXTENSIONS:
-            other = folder / (stem + ext)
-            if other.is_file():
-                return other
+        found = [p for p in _list_images(folder) if p.stem == stem]
+        if found:
+            return min(found, key=lambda p: _IMAGE_EXTENSIONS.index(p.suffix.lower()))
     raise FileNotFoundError(
         "No ground-truth mask for anomalous image %s: expected %s."
         % (image_path, candidate)
@@ -168,7 +188,7 @@ def _available_categories(root):
     return sorted(
         p.name
         for p in root.iterdir()
-        if p.is_dir() and any((p / s).is_dir() for s in _SPLITS)
+        if p.is_dir() and not _is_hidden(p) and any((p / s).is_dir() for s in _SPLITS)
     )
 
 
@@ -202,7 +222,7 @@ def _collect(root, category, split):
     paths, types, masks = [], [], []
     # Sorting by defect type then file name makes the order independent of
     # the file system's directory listing order.
-    for type_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+    for type_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not _is_hidden(p)):
         for path in _list_images(type_dir):
             paths.append(path)
             types.append(type_dir.name)
@@ -223,7 +243,9 @@ def load_mvtec(root, category, split="train", *, resize=None, return_X_y=False):
     ``root/category/test/<defect_type or good>/*.png`` and
     ``root/category/ground_truth/<defect_type>/<stem>_mask.png``. Every
     sub-folder of the split other than ``good`` is treated as a defect type
-    and each of its images must have a ground-truth mask.
+    and each of its images must have a ground-truth mask. Hidden files and
+    folders (names starting with ``.``: ``.ipynb_checkpoints``, macOS
+    ``._000.png``) are ignored.
 
     Parameters
     ----------
@@ -282,7 +304,8 @@ def load_mvtec(root, category, split="train", *, resize=None, return_X_y=False):
         an anomalous image has no ground-truth mask.
 
     ValueError
-        If ``split`` or ``resize`` is invalid, or if the split has no images.
+        If ``split`` or ``resize`` is invalid, if the split has no images, or
+        if an image or mask file cannot be read (the message names the file).
 
     Examples
     --------
