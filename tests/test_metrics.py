@@ -123,6 +123,11 @@ def test_labels_from_y_minus_one_hints_conversion():
         ([], "empty"),
         (None, "required"),
         ([np.zeros((2, 2)), np.zeros(3)], r"y\[1\] must be a 2-D array"),
+        # masks read with a channel axis, of different sizes: numpy could not stack them
+        ([np.zeros((4, 4, 3)), np.zeros((5, 6, 3))], r"y\[0\] must be a 2-D array, got shape \(4, 4, 3\) \(drop"),
+        ([np.zeros((4, 4)), np.ones((5, 6, 3))], r"y\[1\] must be a 2-D array"),
+        ([np.zeros((4, 4)), np.full((5, 6), np.nan)], r"y\[1\] contains NaN"),
+        (np.full((2, 3, 3), np.nan), r"y\[0\] contains NaN"),
     ],
 )
 def test_labels_from_y_wrong_shape(y, match):
@@ -153,6 +158,18 @@ def test_object_array_of_masks_is_a_list_of_masks():
 def test_masks_from_y_rejects_labels():
     with pytest.raises(ValueError, match=r"need ground-truth masks \(N, H, W\), got image labels"):
         masks_from_y([0, 1, 1])
+
+
+@pytest.mark.parametrize("y, match", [
+    ([np.zeros((4, 4)), np.zeros((5, 6, 3))], r"masks\[1\] must be a 2-D array, got shape \(5, 6, 3\)"),
+    ([np.full((4, 4), np.nan)], r"masks\[0\] contains NaN"),
+    ([], "y is empty"),
+])
+def test_masks_from_y_names_the_bad_mask(y, match):
+    with pytest.raises(ValueError, match=match):
+        masks_from_y(y)
+    with pytest.raises(ValueError, match=match):
+        pixel_auroc(y, [np.zeros((4, 4))] * len(y))
 
 
 # ---------------------------------------------------------------------------

@@ -40,18 +40,21 @@ _LABEL_CONVENTION = (
 
 
 def _is_list_of_2d(y):
-    """True if ``y`` is a sequence (or a 1-D object array) whose first element is 2-D.
+    """True if ``y`` is a sequence (or a 1-D object array) of arrays, not of labels.
 
     A list of masks may hold masks of different sizes, which numpy cannot
     stack, so it has to be recognised before calling ``np.asarray``; an
-    object array of such masks is the same thing in array form.
+    object array of such masks is the same thing in array form. Any element
+    of two or more dimensions makes it a list of masks, so that a wrong one
+    (a mask with a channel axis) is reported by its index rather than by
+    numpy's "inhomogeneous shape" error.
     """
     if isinstance(y, np.ndarray):
         if y.dtype != object or y.ndim != 1:
             return False
     elif not isinstance(y, (list, tuple)):
         return False
-    return len(y) > 0 and np.ndim(y[0]) == 2
+    return any(np.ndim(item) >= 2 for item in y)
 
 
 def _as_list_of_2d(arrays, name):
@@ -77,13 +80,25 @@ def _as_list_of_2d(arrays, name):
     for i, a in enumerate(arrays):
         a = np.asarray(a)
         if a.ndim != 2:
+            hint = " (drop the channel axis, e.g. mask[..., 0])" if a.ndim == 3 else ""
             raise ValueError(
-                "%s[%d] must be a 2-D array, got shape %r." % (name, i, a.shape)
+                "%s[%d] must be a 2-D array, got shape %r%s." % (name, i, a.shape, hint)
             )
         out.append(a)
     if not out:
         raise ValueError("%s is empty." % name)
     return out
+
+
+def _check_mask_values(masks, name):
+    """Reject NaN mask pixels, which ``!= 0`` would silently count as defects."""
+    for i, mask in enumerate(masks):
+        mask = np.asarray(mask)
+        if mask.dtype.kind not in "biuf":
+            raise ValueError("%s[%d] has dtype %s; masks must be numeric or boolean." % (name, i, mask.dtype))
+        if mask.dtype.kind == "f" and np.isnan(mask).any():
+            raise ValueError("%s[%d] contains NaN; masks must be 0 (normal) or non-zero (defect)." % (name, i))
+    return masks
 
 
 def labels_from_y(y):
@@ -125,13 +140,14 @@ def labels_from_y(y):
     if y is None:
         raise ValueError("y is required. " + _LABEL_CONVENTION)
     if _is_list_of_2d(y):
-        masks = _as_list_of_2d(y, "y")
+        masks = _check_mask_values(_as_list_of_2d(y, "y"), "y")
         return np.array([bool(np.any(m)) for m in masks], dtype=int)
 
     y_arr = np.asarray(y)
     if y_arr.ndim == 3:
         if y_arr.shape[0] == 0:
             raise ValueError("y is empty.")
+        _check_mask_values(y_arr, "y")
         return y_arr.reshape(y_arr.shape[0], -1).any(axis=1).astype(int)
     if y_arr.ndim != 1:
         raise ValueError(
@@ -195,6 +211,8 @@ def masks_from_y(y):
         )
     if not _is_list_of_2d(y):
         y_arr = np.asarray(y)
+        if y_arr.size == 0 and y_arr.ndim <= 1:
+            raise ValueError("y is empty: pixel-level metrics need at least one ground-truth mask.")
         if y_arr.ndim == 1:
             raise ValueError(
                 "pixel-level metrics need ground-truth masks (N, H, W), got "
@@ -206,7 +224,7 @@ def masks_from_y(y):
                 "list of 2-D masks, got an array of shape %r." % (y_arr.shape,)
             )
         y = y_arr
-    masks = _as_list_of_2d(y, "masks")
+    masks = _check_mask_values(_as_list_of_2d(y, "masks"), "masks")
     return [m if m.dtype == bool else m != 0 for m in masks]
 
 
