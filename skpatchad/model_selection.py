@@ -17,8 +17,10 @@ class AnomalyStratifiedKFold(StratifiedKFold):
     labels (``1`` = anomalous, ``0`` = normal) *or* ground-truth masks of
     shape (N, H, W) / a list of 2-D masks, and ``X`` may be a list of images
     of different sizes. Every test fold then contains both normal and
-    anomalous images (as long as each class has at least ``n_splits``
-    images), so that AUROC and PRO are defined on it.
+    anomalous images, so that AUROC and PRO are defined on it: ``split``
+    raises a ValueError when either class has fewer than ``n_splits`` images
+    (where ``StratifiedKFold`` only warns and yields a fold whose scores are
+    NaN).
 
     Parameters
     ----------
@@ -82,6 +84,15 @@ class AnomalyStratifiedKFold(StratifiedKFold):
                 "AnomalyStratifiedKFold needs both normal (0) and anomalous "
                 "(1) images in y, got only %s ones."
                 % ("anomalous" if labels[0] else "normal")
+            )
+        n_anomalous = int(labels.sum())
+        n_normal = n_samples - n_anomalous
+        if min(n_normal, n_anomalous) < self.n_splits:
+            raise ValueError(
+                "AnomalyStratifiedKFold(n_splits=%d) needs at least %d normal and "
+                "%d anomalous images so that every test fold has both, got %d "
+                "normal and %d anomalous; lower n_splits."
+                % (self.n_splits, self.n_splits, self.n_splits, n_normal, n_anomalous)
             )
         # StratifiedKFold only uses the number of samples of X; a placeholder
         # avoids any validation of images of different sizes.

@@ -92,6 +92,15 @@ def test_split_errors():
         list(cv.split(X, None))
 
 
+@pytest.mark.parametrize("n_normal, n_anomalous", [(9, 2), (2, 6)])
+def test_too_few_images_of_a_class_for_the_folds_raise(n_normal, n_anomalous):
+    """StratifiedKFold would only warn and yield a test fold without anomalies (NaN AUROC)."""
+    X, masks = _images_and_masks(n_normal, n_anomalous)
+    with pytest.raises(ValueError, match="got %d normal and %d anomalous" % (n_normal, n_anomalous)):
+        list(AnomalyStratifiedKFold(n_splits=3).split(X, masks))
+    assert len(list(AnomalyStratifiedKFold(n_splits=2).split(X, masks))) == 2
+
+
 class _MeanDetector(OutlierMixin, BaseEstimator):
     """Fake detector: image mean = anomaly score, image = anomaly map."""
 
