@@ -256,11 +256,23 @@ def test_image_geometry_sizes():
         ((1, 2, 3), None, "int or a"),
         (None, None, "int or a"),
         (64, "big", "crop_size"),
+        # pairs of floats were truncated: (63.9, 63.9) became (63, 63)
+        ((63.9, 63.9), None, "pair of ints"),
+        ((64, 64.0), None, "pair of ints"),
+        ((True, 64), None, "pair of ints"),
+        (64, (47.5, 48), "crop_size"),
+        ((64,), None, "pair of ints"),
     ],
 )
 def test_image_geometry_errors(image_size, crop_size, match):
     with pytest.raises(ValueError, match=match):
         ImageGeometry(image_size, crop_size)
+
+
+def test_image_geometry_accepts_numpy_integers():
+    geometry = ImageGeometry(np.int64(64), np.array([48, 32]))
+    assert geometry.resize == (64, 64) and geometry.input_size == (48, 32)
+    assert geometry.crop_margins() == ((0.125, 0.125), (0.25, 0.25))
 
 
 def test_image_geometry_apply():

@@ -106,6 +106,8 @@ def test_tiled_detector_params_clone_and_pickle(tiled_data):
     np.testing.assert_array_equal(restored.predict_map(test[:2]), model.predict_map(test[:2]))
     with pytest.raises(ValueError, match="overlap"):
         clone(model).set_params(overlap=0.9).fit(train[:2])
+    with pytest.raises(ValueError, match="tile_size must be an int or a .* pair of ints"):
+        clone(model).set_params(tile_size=(127.5, 128)).fit(train[:2])
 
 
 def test_grid_search_over_the_wrapped_detector_trains_on_normal_tiles(tiled_data):

@@ -6,6 +6,7 @@ batched call; the geometry (resize, optional centre crop) is described by
 :class:`ImageGeometry` so the map path can undo it exactly.
 """
 
+import numbers
 import warnings
 
 import numpy as np
@@ -14,12 +15,16 @@ import torch.nn.functional as F
 
 
 def _pair(value, name):
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        value = (int(value), int(value))
-    try:
-        height, width = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError("%s must be an int or a (height, width) pair, got %r" % (name, value)) from None
+    """``(height, width)`` from an int or a pair of ints; floats (63.9) are not truncated silently."""
+    def is_int(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if is_int(value):
+        value = (value, value)
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2 \
+            or not all(is_int(v) for v in value):
+        raise ValueError("%s must be an int or a (height, width) pair of ints, got %r" % (name, value))
+    height, width = int(value[0]), int(value[1])
     if height < 16 or width < 16:
         raise ValueError("%s must be at least 16 pixels, got %r" % (name, value))
     return height, width
