@@ -401,3 +401,36 @@ def test_pruned_index_pickles():
     clone = pickle.loads(pickle.dumps(index))
     assert clone._pruning_cache is None
     torch.testing.assert_close(clone.kneighbors(bank[:50], 1)[0], index.kneighbors(bank[:50], 1)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_search_with_large_norms(dtype):
+    """Features far from the origin (PatchCore's are non-negative, |b| ~ 100): the squared
+    norms exceed float16's range and |q|^2 - 2 q.b + |b|^2 cancels, so half-precision
+    distances must not come from that expansion."""
+    rng = np.random.RandomState(0)
+    bank = (40.0 + rng.randn(2000, 64)).astype(np.float32)  # |b| ~ 320, |b|^2 ~ 10^5
+    queries = bank[:300] + 0.3 * rng.randn(300, 64).astype(np.float32)
+    true = np.sqrt(((queries.astype(np.float64)[:, None] - bank[None]) ** 2).sum(-1))
+    true_i = np.argsort(true, 1)[:, :3]
+    true_d = np.take_along_axis(true, true_i, 1)
+    half = NearestNeighbors(dtype=dtype).fit(bank)
+    distances, indices = half.kneighbors(queries, 3)
+    assert torch.isfinite(distances).all()
+    np.testing.assert_allclose(distances.numpy(), true_d, rtol=0.02)
+    assert (indices.numpy() == true_i).mean() > 0.99
+    # leave-one-group-out in half precision agrees with float32
+    groups_q, groups_b = np.arange(300) % 5, np.arange(2000) % 5
+    exact_d, exact_i = NearestNeighbors().fit(bank).kneighbors(queries, 2, groups_q, groups_b)
+    d, i = half.kneighbors(queries, 2, groups_q, groups_b)
+    assert not np.any(groups_b[i.numpy()] == groups_q[:, None])
+    np.testing.assert_allclose(d.numpy(), exact_d.numpy(), rtol=0.02)
+    # bank vectors come back uncentred, in float32
+    vectors = half.bank_vectors(torch.tensor([0, 5]))
+    assert vectors.dtype == torch.float32
+    np.testing.assert_allclose(vectors.numpy(), bank[[0, 5]], rtol=0.01)
+
+
+def test_half_precision_rejects_pruning():
+    with pytest.raises(ValueError, match="pruning_dim"):
+        NearestNeighbors(dtype=torch.float16, pruning_dim=4).fit(np.zeros((10, 8), np.float32))

@@ -291,11 +291,11 @@ class PatchCore(BaseAnomalyDetector):
             # m* is looked up for the B worst patches only, so the search over all
             # patches need not track where each minimum is
             m_star = index.kneighbors(worst, 1, star_groups, bank_groups)[1][:, 0]
-            bank = index._device_bank()[0]
             # b nearest bank entries of m* (m* first), excluding the query image's own patches
-            _, support = index.kneighbors(bank[m_star], b, star_groups, bank_groups)
+            _, support = index.kneighbors(index.bank_vectors(m_star), b, star_groups, bank_groups)
             support[:, 0] = m_star
-            support_dist = torch.linalg.vector_norm(bank[support] - worst[:, None, :].to(bank.device), dim=2)
+            support_vectors = index.bank_vectors(support)
+            support_dist = torch.linalg.vector_norm(support_vectors - worst[:, None, :].to(support_vectors), dim=2)
             weight = 1.0 - torch.softmax(support_dist, dim=1)[:, 0]
             image_scores = weight * max_scores
         else:
