@@ -182,3 +182,27 @@ def test_numpy_scalars_from_a_search_grid_are_accepted(images):
 def test_learned_encoders_reject_bad_parameters_before_any_work(name, param, value):
     with pytest.raises(ValueError, match=param if param != "knn" else "knn method"):
         ESTIMATORS[name](**{param: value}).fit(None)
+
+
+@pytest.mark.parametrize("name, params, match", [
+    # 64.0 == 64 passed the membership test and failed later inside torch.randint
+    ("PatchSVDD", {"patch_size": 64.0}, "patch_size"), ("PEDENet", {"patch_size": 36.0}, "patch_size"),
+    ("PatchSVDD", {"image_size": (64, 64)}, "image_size"), ("PatchSVDD", {"image_size": None}, "image_size"),
+    ("PEDENet", {"image_size": (80, 80)}, "image_size"), ("PatchSVDD", {"schedule": ["cpu"]}, "schedule"),
+    # the position task needs a neighbour up to K - 1 pixels away: 96 < 127 failed in the first step
+    ("PatchSVDD", {"patch_size": 64, "image_size": 96}, "image_size must be at least 127"),
+    ("PatchSVDD", {"patch_size": 32, "image_size": 48, "stride_big": 16, "stride_small": 8},
+     "image_size must be at least 63"),
+])
+def test_learned_encoders_reject_bad_sizes_before_any_work(name, params, match):
+    with pytest.raises(ValueError, match=match):
+        ESTIMATORS[name](**params).fit(None)
+
+
+def test_patchsvdd_baselines_only_need_one_patch(images):
+    """Without training there are no position pairs, so image_size = patch_size is enough."""
+    train, test = images
+    for encoder in ("random", "raw"):
+        model = ESTIMATORS["PatchSVDD"](encoder=encoder, patch_size=32, image_size=48, stride_big=16,
+                                        stride_small=8, random_state=0).fit(train)
+        assert np.isfinite(model.decision_function(test)).all()

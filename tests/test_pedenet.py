@@ -13,6 +13,7 @@ from skpatchad import PEDENet
 from skpatchad.estimators.pedenet import DensityEstimator, covariance_penalty, gmm_energy, gmm_parameters
 from skpatchad.features.maps import covering_mean
 from skpatchad.features.patch_encoders import HierarchicalPatchEncoder, PEDENetSmallEncoder, PositionClassifier
+from skpatchad.features.preprocessing import iter_image_batches
 from skpatchad.metrics import image_auroc, pixel_auroc_scorer
 from skpatchad.model_selection import AnomalyStratifiedKFold
 
@@ -201,6 +202,30 @@ def test_energy_score(sample, fitted):
     torch.testing.assert_close(energy_map, covering_mean(energy, 36, 4, (128, 128)))
     assert image_score[0] == energy_map.max()
     assert not np.allclose(maps, fitted.predict_map(test.images))
+
+
+def test_energy_calibration_leaves_each_image_out(sample, fitted):
+    """The final mixture is fitted on every training embedding, so offset_ must come
+    from each calibration image scored under the mixture re-estimated without it."""
+    train = sample[0].images[:12]
+    model = clone(fitted).set_params(score="energy").fit(train)
+    batches = [batch for _, batch in iter_image_batches(train, model.geometry_, 16, torch.device("cpu"))]
+    features = model._dense_features(model._centre(torch.cat(batches)))[0]
+    bank = features.reshape(-1, 64).double()
+    with torch.inference_mode():
+        gamma = model.density_(bank.float()).double()
+    per_image = int(np.prod(model.grid_shape_))
+    chosen = model._calibration_images(len(train), model._fit_seed())
+    expected = []
+    for image in chosen:
+        keep = torch.ones(len(bank), dtype=torch.bool)
+        keep[image * per_image:(image + 1) * per_image] = False
+        held_out = gmm_parameters(bank[keep], gamma[keep])
+        expected.append(-model._energy_scores(features[image:image + 1], held_out)[0].item())
+    np.testing.assert_allclose(model.train_scores_, expected, rtol=1e-5)
+    # an image's own embeddings pull the mixture towards it: held out, it scores lower
+    in_sample = model.score_samples([train[i] for i in chosen])
+    assert np.all(model.train_scores_ < in_sample)
 
 
 def test_same_random_state_identical_model(sample):

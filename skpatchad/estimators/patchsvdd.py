@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from ..features._device import seeded_cpu_rng
 from ..features.knn import NearestNeighbors, check_knn_method
 from ..features.patch_encoders import (HierarchicalPatchEncoder, PositionClassifier, SmallPatchEncoder,
-                                       neighbour_pair_corners, pair_corners)
-from ..utils._params import check_int_param, check_real_param
+                                       min_pair_image_size, neighbour_pair_corners, pair_corners)
+from ..utils._params import check_int_choice, check_int_param, check_real_param
 from ._base import PatchEmbeddingDetector
 
 _ENCODERS = ("trained", "random", "raw")
@@ -79,6 +79,9 @@ class PatchSVDD(PatchEmbeddingDetector):
     learning_rate : float, default=1e-4
         Adam.
     image_size : int, default=256
+        Side of the square network input. Training a position pair needs
+        ``2K - 1`` pixels (127 for K=64, 63 for K=32); the random and raw
+        baselines need ``K``.
     subtract_mean : bool, default=False
         Subtract the per-pixel mean of the resized training images from every
         input, as the reference Patch SVDD code does (``(x - mean) / 255``),
@@ -159,12 +162,12 @@ class PatchSVDD(PatchEmbeddingDetector):
     def _check_params(self):
         if self.encoder not in _ENCODERS:
             raise ValueError("encoder must be one of %s, got %r" % (_ENCODERS, self.encoder))
-        if self.patch_size not in (32, 64):
-            raise ValueError("patch_size must be 32 or 64, got %r" % (self.patch_size,))
+        check_int_choice("patch_size", self.patch_size, (32, 64))
+        check_int_param("image_size", self.image_size)
         check_knn_method(self.knn)
         check_real_param("lambda_svdd", self.lambda_svdd, 0.0)
         check_real_param("learning_rate", self.learning_rate, 0.0, low_inclusive=False)
-        if self.schedule not in SCHEDULES:
+        if not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
             raise ValueError("schedule must be one of %s, got %r" % (tuple(SCHEDULES), self.schedule))
         self.schedule_ = {name: default if getattr(self, name) is None else getattr(self, name)
                           for name, default in SCHEDULES[self.schedule].items()}
@@ -172,8 +175,14 @@ class PatchSVDD(PatchEmbeddingDetector):
                       stride_small=self.stride_small, n_calibration=self.n_calibration)
         for name, value in values.items():
             check_int_param(name, value, minimum=0 if name == "epochs" else 1)
-        if self.image_size < self.patch_size:
-            raise ValueError("image_size must be at least patch_size")
+        # training crops a patch and a neighbour up to K - 1 pixels away on both axes
+        minimum = self.patch_size
+        if self.encoder == "trained" and self.schedule_["epochs"] > 0:
+            minimum = min_pair_image_size(self.patch_size, "reference")
+        if self.image_size < minimum:
+            raise ValueError("image_size must be at least %d for patch_size %d%s, got %d"
+                             % (minimum, self.patch_size, " with a trained encoder" if minimum > self.patch_size
+                                else "", self.image_size))
         small = self.patch_size // 2
         if self.stride_small % 2 or self.stride_big % 2:
             raise ValueError("strides must be even (the dense encoder map has stride 2)")

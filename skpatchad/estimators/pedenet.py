@@ -29,8 +29,8 @@ from ..features._device import seeded_cpu_rng
 from ..features.knn import NearestNeighbors, check_knn_method
 from ..features.maps import covering_mean
 from ..features.patch_encoders import (HierarchicalPatchEncoder, PEDENetSmallEncoder, PositionClassifier,
-                                       neighbour_pair_corners)
-from ..utils._params import check_int_param, check_real_param
+                                       min_pair_image_size, neighbour_pair_corners)
+from ..utils._params import check_int_choice, check_int_param, check_real_param
 from ._base import PatchEmbeddingDetector
 
 _SCORES = ("nn", "energy")
@@ -186,6 +186,8 @@ class PEDENet(PatchEmbeddingDetector):
     learning_rate : float, default=1e-4
         Adam (paper).
     image_size : int, default=256
+        Side of the square network input; at least ``2K + K/8`` (76 for
+        ``patch_size=36``, 153 for 72), where an LP pair fits.
     subtract_mean : bool, default=False
         Subtract the per-pixel mean of the resized training images (Patch
         SVDD's reference preprocessing) instead of mid-grey. Off by default:
@@ -194,7 +196,9 @@ class PEDENet(PatchEmbeddingDetector):
         epochs) and the NN maps fell to pixel AUROC 0.42. Either way the
         centred training images are scaled to unit standard deviation.
     n_calibration : int, default=16
-        Training images scored leave-one-image-out to set ``offset_``.
+        Training images scored leave-one-image-out to set ``offset_``: against
+        the training embeddings of the other images (``score="nn"``), or under
+        the mixture re-estimated without the image (``score="energy"``).
     score : {"nn", "energy"}, default="nn"
         Patch score: nearest-neighbour distance or fitted-GMM energy.
     knn : {"exact", "pynndescent"}, default="exact"
@@ -276,8 +280,8 @@ class PEDENet(PatchEmbeddingDetector):
         check_knn_method(self.knn)
         if self.score not in _SCORES:
             raise ValueError("score must be one of %s, got %r" % (_SCORES, self.score))
-        if self.patch_size not in _PATCH_SIZES:
-            raise ValueError("patch_size must be one of %s, got %r" % (_PATCH_SIZES, self.patch_size))
+        check_int_choice("patch_size", self.patch_size, _PATCH_SIZES)
+        check_int_param("image_size", self.image_size)
         for name in ("lambda_energy", "lambda_position", "lambda_cov"):
             check_real_param(name, getattr(self, name), 0.0)
         check_real_param("learning_rate", self.learning_rate, 0.0, low_inclusive=False)
@@ -286,9 +290,10 @@ class PEDENet(PatchEmbeddingDetector):
             check_int_param(name, getattr(self, name))
         check_int_param("epochs", self.epochs, minimum=0)
         # LP needs a patch and one neighbour (offset K + K/8 at most) inside the image
-        if self.image_size < 2 * self.patch_size + self.patch_size // 8:
-            raise ValueError("image_size must be at least %d for patch_size %d"
-                             % (2 * self.patch_size + self.patch_size // 8, self.patch_size))
+        minimum = min_pair_image_size(self.patch_size, "jittered")
+        if self.image_size < minimum:
+            raise ValueError("image_size must be at least %d for patch_size %d, got %d"
+                             % (minimum, self.patch_size, self.image_size))
         if self.stride % 2:
             raise ValueError("stride must be even (the dense encoder map has stride 2)")
         if (self.image_size - self.patch_size) % self.stride:
@@ -425,9 +430,9 @@ class PEDENet(PatchEmbeddingDetector):
                 small_features.reshape(-1, dim))
         # the final mixture: E-step by the trained DE network, M-step on all training embeddings
         with torch.inference_mode():
-            phi, mu, sigma = gmm_parameters(bank.double(), self.density_(bank).double())
-        self.gmm_weights_, self.gmm_means_, self.gmm_covariances_ = (
-            t.cpu().numpy() for t in (phi, mu, sigma))
+            z, gamma = bank.double(), self.density_(bank).double()
+            mixture = gmm_parameters(z, gamma)
+        self.gmm_weights_, self.gmm_means_, self.gmm_covariances_ = (t.cpu().numpy() for t in mixture)
 
         # leave-one-image-out scores of a few training images set the threshold
         chosen = self._calibration_images(len(data), seed)
@@ -435,6 +440,18 @@ class PEDENet(PatchEmbeddingDetector):
             self._warn_single_image()
             chosen = None
         pick = slice(0, 1) if chosen is None else chosen
+        if self.score == "energy" and chosen is not None:
+            # the mixture was fitted on every training embedding, the image's own
+            # included: re-estimate it without the image, as an unseen one is scored
+            per_image = int(np.prod(self.grid_shape_))
+            scores = []
+            with torch.inference_mode():
+                for image in chosen:
+                    keep = torch.ones(len(z), dtype=torch.bool, device=z.device)
+                    keep[image * per_image:(image + 1) * per_image] = False
+                    held_out = gmm_parameters(z[keep], gamma[keep])
+                    scores.append(self._energy_scores(features[image:image + 1], held_out)[0])
+            return torch.cat(scores).cpu().numpy()
         small_chosen = None if small_features is None else small_features[pick]
         return self._scores_from_features(features[pick], small_chosen, chosen)[0].cpu().numpy()
 
@@ -454,17 +471,21 @@ class PEDENet(PatchEmbeddingDetector):
 
     @torch.inference_mode()
     def _scores_from_features(self, feats, small_feats, image_ids):
-        """Image scores and (B, S, S) maps; image_ids excludes each image's own patches."""
-        batch, n_h, n_w, dim = feats.shape
-        flat = feats.reshape(-1, dim)
+        """Image scores and (B, S, S) maps; image_ids excludes each image's own patches
+        (NN scores only; the energy's leave-one-image-out calibration is in ``_fit_bank``)."""
         if self.score == "nn":
             scales = [(feats, self.nn_index_, self.patch_size, self.stride)]
             if small_feats is not None:
                 scales.append((small_feats, self.small_nn_index_, _PATCH_SIZES[0], self.stride_small))
             return self._nn_map(scales, image_ids)
-        params = [torch.as_tensor(a, device=flat.device)
-                  for a in (self.gmm_weights_, self.gmm_means_, self.gmm_covariances_)]
-        scores = gmm_energy(flat.double(), *params).float().reshape(batch, n_h, n_w)
+        mixture = [torch.as_tensor(a, device=feats.device)
+                   for a in (self.gmm_weights_, self.gmm_means_, self.gmm_covariances_)]
+        return self._energy_scores(feats, mixture)
+
+    def _energy_scores(self, feats, mixture):
+        """Image scores and maps of the patch energies under ``mixture`` (phi, mu, Sigma)."""
+        batch, n_h, n_w, dim = feats.shape
+        scores = gmm_energy(feats.reshape(-1, dim).double(), *mixture).float().reshape(batch, n_h, n_w)
         anomaly_map = covering_mean(scores, self.patch_size, self.stride, self.geometry_.input_size)
         return anomaly_map.flatten(1).max(1).values, anomaly_map
 

@@ -174,6 +174,13 @@ def neighbour_pair_corners(label, patch, size, generator, spacing):
     return pair_corners(offset, patch, size, generator)
 
 
+def min_pair_image_size(patch, spacing):
+    """Smallest image side where every :func:`neighbour_pair_corners` pair fits."""
+    if spacing == "reference":
+        return patch + 3 * patch // 4 + max(1, patch // 4) - 1
+    return 2 * patch + patch // 8
+
+
 def pair_corners(offset, patch, size, generator):
     """(first, first + offset) corners with ``first`` uniform where both crops fit."""
     low = (-offset).clamp_min(0)

@@ -22,6 +22,12 @@ def check_int_param(name, value, minimum=1, allow_none=False):
         raise ValueError("%s must be %s%s, got %r" % (name, kind, " or None" if allow_none else "", value))
 
 
+def check_int_choice(name, value, choices):
+    """Raise a ValueError naming ``name`` unless ``value`` is an integer (not a float such as 64.0) in ``choices``."""
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value in choices):
+        raise ValueError("%s must be one of %s, got %r" % (name, tuple(choices), value))
+
+
 def check_real_param(name, value, low, high=None, low_inclusive=True, allow_none=False):
     """Raise a ValueError naming ``name`` unless ``value`` is a real number in the given range.
 
