@@ -165,20 +165,27 @@ def neighbour_pair_corners(label, patch, size, generator, spacing):
         is wrong (the reference code clips the neighbour at the border).
     """
     batch = len(label)
+    base, spread = _neighbour_spacing(patch, spacing)
     if spacing == "reference":
-        distance = 3 * patch // 4 + torch.randint(max(1, patch // 4), (batch, 2), generator=generator)
+        distance = base + torch.randint(spread, (batch, 2), generator=generator)
         offset = NEIGHBOUR_OFFSETS[label] * distance
     else:
-        gap = patch // 8
-        offset = NEIGHBOUR_OFFSETS[label] * patch + torch.randint(-gap, gap + 1, (batch, 2), generator=generator)
+        offset = NEIGHBOUR_OFFSETS[label] * base + torch.randint(-spread, spread + 1, (batch, 2), generator=generator)
     return pair_corners(offset, patch, size, generator)
+
+
+def _neighbour_spacing(patch, spacing):
+    """``(base, spread)`` of a neighbour's offset per axis: "reference" draws
+    ``base + U{0, ..., spread - 1}``, "jittered" ``base + U{-spread, ..., spread}``."""
+    if spacing == "reference":
+        return 3 * patch // 4, max(1, patch // 4)
+    return patch, patch // 8
 
 
 def min_pair_image_size(patch, spacing):
     """Smallest image side where every :func:`neighbour_pair_corners` pair fits."""
-    if spacing == "reference":
-        return patch + 3 * patch // 4 + max(1, patch // 4) - 1
-    return 2 * patch + patch // 8
+    base, spread = _neighbour_spacing(patch, spacing)
+    return patch + base + (spread - 1 if spacing == "reference" else spread)
 
 
 def pair_corners(offset, patch, size, generator):
