@@ -491,3 +491,16 @@ def test_no_torch_exception_leaks(tmp_path, rng):
             check_images(X)
         assert type(info.value) in (ValueError, TypeError), (X, info.value)
         assert type(info.value).__module__ == "builtins"
+
+
+@pytest.mark.parametrize("kind", ["set", "frozenset", "dict"])
+def test_unordered_collection_rejected(tmp_path, rng, kind):
+    # scores come back in input order; a set or dict of paths has none to keep
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / ("%d.png" % i)))
+        Image.fromarray(_rgb(rng)).save(paths[-1])
+    X = {"set": set, "frozenset": frozenset, "dict": dict.fromkeys}[kind](paths)
+    with _raises(TypeError, "ordered", type(X).__name__, "sorted"):
+        check_images(X)
+    assert len(check_images(sorted(X))) == 3

@@ -6,6 +6,7 @@ in [0, 1]) or raises a ``ValueError``/``TypeError`` naming the offending image.
 No torch here: errors must be readable, never a stack trace from a tensor op.
 """
 
+import collections.abc
 import numbers
 import os
 from collections.abc import Sequence
@@ -219,6 +220,13 @@ def check_images(X, *, min_size=16, estimator_name="this estimator"):
     if isinstance(X, (str, bytes, os.PathLike)):
         raise TypeError(
             "X must be a collection of images, got a single path %r; wrap it in a list" % (X,)
+        )
+    if isinstance(X, (collections.abc.Set, collections.abc.Mapping)):
+        # one score and one map per image, in input order: an unordered
+        # collection would pair them with the wrong images without any error
+        raise TypeError(
+            "X must be an ordered collection of images (array, list or tuple), got a %s; "
+            "pass a list, e.g. sorted(X)" % type(X).__name__
         )
     if hasattr(X, "tocsr") or type(X).__module__.startswith("scipy.sparse"):
         raise TypeError("X is a sparse matrix; images must be dense arrays, a list of arrays or file paths")
