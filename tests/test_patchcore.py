@@ -4,6 +4,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import joblib
 import numpy as np
@@ -113,6 +114,42 @@ def test_threshold_uses_leave_one_image_out_scores(sample, fitted_patchcore, sma
     assert fitted_patchcore.offset_ == pytest.approx(fitted_patchcore.train_scores_.min())
     model = PatchCore(**{**small_patchcore_params, "contamination": 0.2}).fit(train.images)
     assert model.offset_ == pytest.approx(np.percentile(model.train_scores_, 20))
+
+
+def _eq7_leave_one_out_reference(model, images):
+    """Eq. 7 in float64 for each training image against the bank without its own patches."""
+    embeddings = next(model._embed(images, torch.device("cpu")))[1]
+    embeddings = embeddings.reshape(len(images), -1, embeddings.shape[-1]).numpy().astype(np.float64)
+    bank, owner = model.memory_bank_.astype(np.float64), model.bank_image_index_
+    scores, support_sizes = [], []
+    for i, patches in enumerate(embeddings):
+        others = bank[owner != i]
+        dist = np.linalg.norm(patches[:, None] - others[None], axis=2)
+        worst = dist.min(1).argmax()
+        m_star = others[dist[worst].argmin()]
+        b = min(model.n_neighbors, len(others))
+        support = np.argsort(np.linalg.norm(others - m_star, axis=1), kind="stable")[:b]
+        to_worst = np.linalg.norm(others[support] - patches[worst], axis=1)
+        weight = 1.0 - np.exp(to_worst[0]) / np.exp(to_worst).sum() if b > 1 else 1.0
+        scores.append(-weight * dist[worst].min())
+        support_sizes.append(len(others))
+    return np.array(scores), np.array(support_sizes)
+
+
+@pytest.mark.parametrize("n_images, coreset", [(3, 0.05), (2, 0.1), (2, 0.016), (4, 0.02)])
+def test_leave_one_out_eq7_uses_only_other_images_entries(n_images, coreset):
+    # with a small bank the other images hold fewer than b = 9 entries; the
+    # calibrated image's own patches must not fill the rest of Eq. 7's sum
+    rng = np.random.RandomState(n_images)
+    images = (rng.rand(n_images, 64, 64, 3) * 255).astype(np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PatchCore(backbone="resnet18", weights=None, image_size=64, embedding_dim=32,
+                          coreset=coreset, random_state=0, device="cpu").fit(images)
+    expected, others = _eq7_leave_one_out_reference(model, images)
+    assert np.any(others < model.n_neighbors), others  # the case under test occurs
+    np.testing.assert_allclose(model.train_scores_, expected, rtol=2e-5)
+    assert model.offset_ == pytest.approx(expected.min(), rel=2e-5)
 
 
 def test_fit_with_y_trains_on_normal_images_only(sample, small_patchcore_params):

@@ -292,11 +292,19 @@ class PatchCore(BaseAnomalyDetector):
             # patches need not track where each minimum is
             m_star = index.kneighbors(worst, 1, star_groups, bank_groups)[1][:, 0]
             # b nearest bank entries of m* (m* first), excluding the query image's own patches
-            _, support = index.kneighbors(index.bank_vectors(m_star), b, star_groups, bank_groups)
+            support_search, support = index.kneighbors(index.bank_vectors(m_star), b, star_groups, bank_groups)
             support[:, 0] = m_star
             support_vectors = index.bank_vectors(support)
             support_dist = torch.linalg.vector_norm(support_vectors - worst[:, None, :].to(support_vectors), dim=2)
+            # In leave-one-image-out calibration the other images may hold fewer
+            # than b bank entries; the search pads with excluded ones (infinite
+            # distance), which must not enter Eq. 7's sum: exp(-inf) = 0.
+            excluded = ~torch.isfinite(support_search.to(support_dist.device))
+            excluded[:, 0] = False
+            support_dist = support_dist.masked_fill(excluded, -torch.inf)
             weight = 1.0 - torch.softmax(support_dist, dim=1)[:, 0]
+            # m* alone is b = 1, which means no re-weighting (see n_neighbors)
+            weight = torch.where(excluded[:, 1:].all(1), torch.ones_like(weight), weight)
             image_scores = weight * max_scores
         else:
             image_scores = max_scores
