@@ -68,13 +68,34 @@ def test_neighbour_pairs_lie_in_the_labelled_direction_inside_the_image(spacing,
 
 def test_svdd_pairs_are_shifted_by_a_small_non_zero_jitter(sample):
     model = PatchSVDD(**FAST)
-    model.schedule_ = {"batch_size": 4000}
+    model.schedule_ = {"batch_size": 4000, "patches_per_image": 1}
     data = torch.arange(64.0 * 64).view(1, 1, 64, 64).expand(4000, 3, 64, 64)  # pixel value = 64 y + x
     first, second, label = model._sample_pairs(data, 32, torch.Generator().manual_seed(0), neighbours=False)
     shift = second[:, 0, 0, 0] - first[:, 0, 0, 0]
     dy, dx = torch.round(shift / 64), shift - 64 * torch.round(shift / 64)
     assert label is None and (shift != 0).all()
     assert set(zip(dy.tolist(), dx.tolist())) == {(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)} - {(0, 0)}
+
+
+def test_each_step_draws_batch_size_pairs_also_from_few_images(sample, monkeypatch):
+    # sampling is with replacement: two images still give batches of batch_size
+    # pairs (the reference code's loader draws patches_per_image per image)
+    sizes = []
+    original = PatchSVDD._sample_pairs
+
+    def recording(self, *args, **kwargs):
+        first, second, label = original(self, *args, **kwargs)
+        sizes.append(len(first))
+        return first, second, label
+
+    monkeypatch.setattr(PatchSVDD, "_sample_pairs", recording)
+    PatchSVDD(**{**FAST, "epochs": 1, "patches_per_image": 8, "batch_size": 8}).fit(sample[0].images[:2])
+    assert sizes and set(sizes) == {8}  # 2 steps x 2 scales x 2 tasks
+    assert len(sizes) == 8
+    sizes.clear()
+    # fewer pairs in an epoch than batch_size: one step with all of them
+    PatchSVDD(**{**FAST, "epochs": 1, "patches_per_image": 3, "batch_size": 16}).fit(sample[0].images[:2])
+    assert set(sizes) == {6} and len(sizes) == 4
 
 
 @pytest.mark.parametrize("make", [lambda: HierarchicalPatchEncoder(SmallPatchEncoder(64, 32, 32), 64),
@@ -181,6 +202,8 @@ def test_grid_search_over_lambda_and_dimension(sample):
     ({"encoder": "vgg"}, "encoder"), ({"patch_size": 48}, "patch_size"), ({"lambda_svdd": -1}, "lambda_svdd"),
     ({"stride_small": 3}, "even"), ({"embedding_dim": 0}, "embedding_dim"),
     ({"schedule": "gpu"}, "schedule"), ({"width": 0}, "width"), ({"epochs": -1}, "epochs"),
+    ({"image_size": 160, "stride_big": 64}, "at most the patch size"),
+    ({"image_size": 160, "stride_small": 24}, "at most the patch size"),
 ])
 def test_invalid_parameters(sample, params, message):
     with pytest.raises(ValueError, match=message):

@@ -145,6 +145,23 @@ def test_empty_component_is_ignored():
 
 
 # --------------------------------------------------------------------- training
+def test_empty_component_gives_finite_gradients():
+    # a DE softmax that underflows to 0 for one component must not put NaN in the weights
+    z = torch.randn(30, 3, dtype=torch.float64, requires_grad=True)
+    logits = torch.zeros(30, 3, dtype=torch.float64)
+    logits[:, 2] = -800.0  # exp underflows: gamma[:, 2] == 0 exactly
+    logits.requires_grad_(True)
+    gamma = torch.softmax(logits, dim=1)
+    assert (gamma[:, 2] == 0).all()
+    phi, mu, sigma = gmm_parameters(z, gamma)
+    energy = gmm_energy(z, phi, mu, sigma)
+    energy.mean().backward()
+    assert torch.isfinite(energy).all()
+    assert torch.isfinite(z.grad).all() and torch.isfinite(logits.grad).all()
+    # and the energy is that of the two non-empty components
+    torch.testing.assert_close(energy, gmm_energy(z.detach(), phi[:2].detach(), mu[:2].detach(), sigma[:2].detach()))
+
+
 def test_training_loss_stays_finite_for_hundreds_of_steps(sample):
     train, _ = sample
     # 4-patch batches in 64-D: every batch covariance is singular, lr 10x the
@@ -164,8 +181,12 @@ def test_training_loss_stays_finite_for_hundreds_of_steps(sample):
 
 # ------------------------------------------------------------------- estimator
 def test_fitted_attributes(fitted):
-    assert fitted.n_parameters_ == sum(p.numel() for net in (fitted.encoder_, fitted.density_, fitted.position_)
+    # patch_size=36: the sub-patch encoder alone is used and trained, not the aggregation layers
+    assert fitted.n_parameters_ == sum(p.numel() for net in (fitted.encoder_.small, fitted.density_, fitted.position_)
                                        for p in net.parameters())
+    aggregation = sum(p.numel() for p in fitted.encoder_.parameters()) - sum(
+        p.numel() for p in fitted.encoder_.small.parameters())
+    assert aggregation > 0
     n = (128 - 36) // 4 + 1
     assert fitted.grid_shape_ == (n, n)
     assert fitted.nn_index_.bank_.shape == (12 * n * n, 64)
@@ -266,6 +287,7 @@ def test_grid_search_over_components_and_lambda(sample):
     ({"n_components": 0}, "n_components"), ({"embedding_dim": 2.5}, "embedding_dim"), ({"stride": 3}, "even"),
     ({"stride": 8}, "divisible"), ({"epochs": -1}, "epochs"), ({"learning_rate": 0}, "learning_rate"),
     ({"image_size": 64}, "image_size"), ({"batch_size": 0}, "batch_size"), ({"contamination": 0.7}, "contamination"),
+    ({"image_size": 124, "stride": 44}, "at most patch_size"),
 ])
 def test_invalid_parameters(sample, params, message):
     with pytest.raises(ValueError, match=message):
@@ -309,6 +331,7 @@ def test_stride_small_multiplies_the_sub_patch_map(sample):
     ({"patch_size": 72, "image_size": 160, "stride": 8, "stride_small": 4, "score": "energy"}, "score='nn'"),
     ({"patch_size": 72, "image_size": 160, "stride": 8, "stride_small": 3}, "even"),
     ({"patch_size": 72, "image_size": 160, "stride": 8, "stride_small": 6}, "stride_small"),
+    ({"patch_size": 72, "image_size": 252, "stride": 4, "stride_small": 72}, "at most 36"),
 ])
 def test_invalid_stride_small(sample, params, message):
     with pytest.raises(ValueError, match=message):

@@ -55,7 +55,9 @@ class PatchSVDD(PatchEmbeddingDetector):
     patch_size : {32, 64}, default=64
         K of the big encoder; the small one sees K/2.
     stride_big, stride_small : int, default=16, 4
-        Inference strides of the K and K/2 patches (paper, at 256x256).
+        Inference strides of the K and K/2 patches (paper, at 256x256); even
+        and at most the patch size of their scale, so that every pixel is
+        covered.
     encoder : {"trained", "random", "raw"}, default="trained"
         The paper's method, or its two baselines: a randomly initialised
         encoder (no training) and raw patches (f(p) = p, flattened pixels).
@@ -188,6 +190,11 @@ class PatchSVDD(PatchEmbeddingDetector):
             raise ValueError("strides must be even (the dense encoder map has stride 2)")
         if (self.image_size - small) % self.stride_small or (self.image_size - self.patch_size) % self.stride_big:
             raise ValueError("(image_size - K) must be divisible by the stride of each scale")
+        # a stride beyond the patch leaves pixels that no patch covers (score 0: "normal")
+        if self.stride_big > self.patch_size or self.stride_small > small:
+            raise ValueError("strides must be at most the patch size of their scale (stride_big <= %d, "
+                             "stride_small <= %d) so that patches cover every pixel, got %d and %d"
+                             % (self.patch_size, small, self.stride_big, self.stride_small))
 
     # --------------------------------------------------------------- training
     def _sample_pairs(self, data, patch, generator, neighbours):
@@ -198,7 +205,9 @@ class PatchSVDD(PatchEmbeddingDetector):
         pairs are a patch and its neighbour ``3K/4 + U[0, K/4)`` away along
         each displaced axis (see :func:`neighbour_pair_corners`).
         """
-        batch = min(self.schedule_["batch_size"], len(data))
+        # an epoch draws patches_per_image pairs per image (as the reference
+        # code's data loader does), in batches of batch_size or fewer
+        batch = min(self.schedule_["batch_size"], len(data) * self.schedule_["patches_per_image"])
         size = data.shape[-1]
         image_index = torch.randint(len(data), (batch,), generator=generator)
         if neighbours:

@@ -90,8 +90,13 @@ def gmm_energy(z, phi, mu, sigma, jitter=GMM_JITTER):
     mahalanobis = solved.pow(2).sum(1).T  # (N, K)
     log_det = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (K,)
     log_density = -0.5 * (mahalanobis + log_det + dim * math.log(2.0 * math.pi))
-    # an empty component (phi = 0) contributes log(0) = -inf, which logsumexp handles
-    return -torch.logsumexp(torch.log(phi) + log_density, dim=1)
+    # An empty component (phi = 0) contributes log(0) = -inf, which logsumexp
+    # handles; its backward, though, would be 0 * (1 / 0) = NaN in every weight,
+    # so log(phi) is only taken where phi > 0 (torch.where passes no gradient
+    # to the branch it does not select, and the clamp keeps that branch finite).
+    log_phi = torch.where(phi > 0, torch.log(phi.clamp_min(torch.finfo(phi.dtype).tiny)),
+                          torch.full_like(phi, -torch.inf))
+    return -torch.logsumexp(log_phi + log_density, dim=1)
 
 
 def covariance_penalty(sigma, jitter=GMM_JITTER):
@@ -162,11 +167,11 @@ class PEDENet(PatchEmbeddingDetector):
         the paper's layer list: nine 3x3 valid convolutions reduce 36 pixels
         to 1x1.
     stride : int, default=8
-        Inference stride of the patch grid; even, and dividing
-        ``image_size - patch_size``.
+        Inference stride of the patch grid; even, at most ``patch_size`` (so
+        that every pixel is covered), and dividing ``image_size - patch_size``.
     stride_small : int or None, default=None
         None: maps from the ``patch_size`` embeddings alone. An even int
-        (e.g. 4): also embed every 36-pixel sub-patch at this stride, score it
+        of at most 36 (e.g. 4): also embed every 36-pixel sub-patch at this stride, score it
         against the sub-patch embeddings of the training images, and multiply
         the two maps, as Patch SVDD combines its two scales. Only with
         ``patch_size=72`` and ``score="nn"``.
@@ -187,7 +192,8 @@ class PEDENet(PatchEmbeddingDetector):
         Adam (paper).
     image_size : int, default=256
         Side of the square network input; at least ``2K + K/8`` (76 for
-        ``patch_size=36``, 153 for 72), where an LP pair fits.
+        ``patch_size=36``, 153 for 72, hence 154 with an even stride), where
+        an LP pair fits.
     subtract_mean : bool, default=False
         Subtract the per-pixel mean of the resized training images (Patch
         SVDD's reference preprocessing) instead of mid-grey. Off by default:
@@ -298,6 +304,10 @@ class PEDENet(PatchEmbeddingDetector):
             raise ValueError("stride must be even (the dense encoder map has stride 2)")
         if (self.image_size - self.patch_size) % self.stride:
             raise ValueError("(image_size - patch_size) must be divisible by stride")
+        # a stride beyond the patch leaves pixels that no patch covers (score 0: "normal")
+        if self.stride > self.patch_size:
+            raise ValueError("stride must be at most patch_size (%d) so that patches cover every pixel, got %d"
+                             % (self.patch_size, self.stride))
         if self.stride_small is not None:
             small = _PATCH_SIZES[0]
             if self.patch_size == small or self.score != "nn":
@@ -308,6 +318,9 @@ class PEDENet(PatchEmbeddingDetector):
                                  % (self.stride_small,))
             if (self.image_size - small) % self.stride_small:
                 raise ValueError("(image_size - %d) must be divisible by stride_small" % small)
+            if self.stride_small > small:
+                raise ValueError("stride_small must be at most %d so that sub-patches cover every pixel, got %d"
+                                 % (small, self.stride_small))
 
     def _embed(self, patches):
         """(B, 3, K, K) patches -> (B, D) embeddings at the chosen scale."""
@@ -405,7 +418,9 @@ class PEDENet(PatchEmbeddingDetector):
             self.density_ = DensityEstimator(dim, int(self.n_components)).to(device)
             self.position_ = PositionClassifier(dim).to(device)
         networks = (self.encoder_, self.density_, self.position_)
-        self.n_parameters_ = sum(p.numel() for net in networks for p in net.parameters())
+        # patch_size=36 uses the sub-patch encoder alone: the aggregation layers are never trained
+        used_encoder = self.encoder_ if self.patch_size == self.encoder_.patch_size else self.encoder_.small
+        self.n_parameters_ = sum(p.numel() for net in (used_encoder,) + networks[1:] for p in net.parameters())
         self.training_curve_ = []
         if self.epochs > 0:
             self._train(data, generator)
