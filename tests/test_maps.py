@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from skpatchad.features.maps import _stepwise, gaussian_blur, grid_to_maps, stack_if_same_size
+from skpatchad.features.maps import (_stepwise, align_levels, cell_centres, gaussian_blur, grid_to_maps,
+                                    interpolation_matrix, stack_if_same_size)
 from skpatchad.features.preprocessing import ImageGeometry, iter_image_batches
 
 
@@ -189,14 +190,74 @@ def test_no_blur_no_crop_at_input_size_is_bilinear_upsampling():
         (32, None, (2, 3), [(17, 300)]),  # blur radius beyond the axis: replicate
     ],
 )
-def test_operator_path_equals_stepwise_path(image_size, crop_size, grid_shape, sizes, sigma):
+@pytest.mark.parametrize("alignment", ["even", "corner"])
+def test_operator_path_equals_stepwise_path(image_size, crop_size, grid_shape, sizes, sigma, alignment):
     """The one-matrix-per-axis map path computes the same maps as stepping through it."""
     geometry = ImageGeometry(image_size, crop_size)
     grids = torch.rand((len(sizes),) + grid_shape, generator=torch.Generator().manual_seed(0))
-    maps = grid_to_maps(grids, geometry, sizes, sigma=sigma)
+    maps = grid_to_maps(grids, geometry, sizes, sigma=sigma, alignment=alignment)
     for i, size in enumerate(sizes):
-        expected = _stepwise(grids[i:i + 1], geometry, size, sigma)[0].numpy()
-        np.testing.assert_allclose(maps[i], expected, rtol=1e-5, atol=1e-6)
+        expected = _stepwise(grids[i:i + 1], geometry, size, sigma, alignment)[0].numpy()
+        # float32 rounding of the two orders of summation (grid values in [0, 1])
+        np.testing.assert_allclose(maps[i], expected, rtol=1e-5, atol=3e-6)
+
+
+# ---------------------------------------------------------------------------
+# where a backbone's cells sit on its input
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("n_cells, length", [(8, 64), (13, 100), (7, 100), (3, 17), (32, 256)])
+def test_cell_centres(n_cells, length):
+    even = cell_centres(n_cells, length, "even").numpy()
+    np.testing.assert_allclose(even, (np.arange(n_cells) + 0.5) * length / n_cells - 0.5)
+    corner = cell_centres(n_cells, length, "corner").numpy()
+    stride = corner[1] - corner[0]
+    assert corner[0] == 0 and stride in (4, 8, 16) and -(-length // stride) == n_cells
+    with pytest.raises(ValueError, match="alignment"):
+        cell_centres(n_cells, length, "centre")
+
+
+def test_interpolation_matrix_is_linear_interpolation_with_border_extension():
+    source = torch.tensor([0.0, 8.0, 16.0])
+    matrix = interpolation_matrix(source, torch.tensor([-3.0, 0.0, 2.0, 8.0, 12.0, 16.0, 20.0]))
+    expected = [[1, 0, 0], [1, 0, 0], [0.75, 0.25, 0], [0, 1, 0], [0, 0.5, 0.5], [0, 0, 1], [0, 0, 1]]
+    np.testing.assert_allclose(matrix.numpy(), expected)
+    np.testing.assert_allclose(interpolation_matrix(torch.tensor([5.0]), torch.arange(4.0)).numpy(), np.ones((4, 1)))
+
+
+def test_even_alignment_is_bilinear_resizing():
+    # the generic position-based path agrees with F.interpolate(align_corners=False)
+    grid = torch.rand(1, 1, 5, 7, dtype=torch.float64)
+    rows = interpolation_matrix(cell_centres(5, 40, "even"), torch.arange(40.0))
+    cols = interpolation_matrix(cell_centres(7, 56, "even"), torch.arange(56.0))
+    expected = F.interpolate(grid, size=(40, 56), mode="bilinear", align_corners=False)[0, 0]
+    torch.testing.assert_close(rows @ grid[0, 0] @ cols.T, expected)
+
+
+def test_corner_aligned_hot_cell_peaks_at_stride_times_index():
+    geometry = ImageGeometry(64)
+    grids = torch.zeros(1, 8, 8)
+    grids[0, 2, 5] = 1.0
+    even = grid_to_maps(grids, geometry, [(64, 64)], sigma=0.0)[0]
+    corner = grid_to_maps(grids, geometry, [(64, 64)], sigma=0.0, alignment="corner")[0]
+    assert np.unravel_index(int(np.argmax(corner)), corner.shape) == (16, 40)  # cell (i, j) at (8 i, 8 j)
+    assert corner[16, 40] == pytest.approx(1.0)
+    # the even layout puts the same cell 3.5 pixels further down and right
+    assert np.unravel_index(int(np.argmax(even)), even.shape) in {(r, c) for r in (19, 20) for c in (43, 44)}
+
+
+def test_align_levels_reads_coarse_cells_at_the_fine_cells_positions():
+    # a coarse level that is linear in input position must come out linear in the
+    # fine cells' positions, for either layout
+    for alignment, input_len in (("even", 64), ("corner", 64), ("corner", 100)):
+        fine_n, coarse_n = -(-input_len // 8), -(-input_len // 16)
+        coarse_pos = cell_centres(coarse_n, input_len, alignment).float()
+        fine_pos = cell_centres(fine_n, input_len, alignment).float()
+        coarse = (coarse_pos[:, None] + 0 * coarse_pos[None, :]).expand(coarse_n, coarse_n)[None, None]
+        fine = torch.zeros(1, 1, fine_n, fine_n)
+        _, resampled = align_levels([fine, coarse], alignment, (input_len, input_len))
+        inside = (fine_pos >= coarse_pos[0]) & (fine_pos <= coarse_pos[-1])
+        torch.testing.assert_close(resampled[0, 0, inside, 0], fine_pos[inside])
+        assert resampled.shape[-2:] == (fine_n, fine_n)
 
 
 def test_out_is_filled_in_place_on_both_paths():

@@ -432,3 +432,25 @@ def test_half_precision_backbone_and_knn_close_to_float32(sample, small_patchcor
     assert np.corrcoef(maps.ravel(), ref_maps.ravel())[0, 1] > 0.95
     with pytest.raises(ValueError, match="precision"):
         PatchCore(precision="int8").fit(train.images[:2])
+
+
+def test_resnet_map_is_registered_on_the_defect():
+    # torchvision ResNets centre cell j at stride * j (see maps.cell_centres);
+    # read as evenly tiled, the map of a 4x4 defect sat 4.6-4.9 px down-right
+    rng = np.random.RandomState(0)
+    normal = (0.5 + 0.02 * rng.randn(3, 96, 96, 3)).clip(0, 1).astype(np.float32)
+    model = PatchCore(backbone="resnet18", weights=None, image_size=96, embedding_dim=256, coreset=1.0,
+                      sigma=0.0, random_state=0, device="cpu").fit(normal)
+    corners = [(r, c) for r in (36, 44, 52) for c in (36, 44, 52)]
+    tests = []
+    for r, c in corners:
+        image = (0.5 + 0.02 * rng.randn(96, 96, 3)).clip(0, 1).astype(np.float32)
+        image[r:r + 4, c:c + 4] = 1.0
+        tests.append(image)
+    rows, cols = np.mgrid[:96, :96]
+    offsets = []
+    for (r, c), anomaly_map in zip(corners, model.predict_map(tests)):
+        weight = np.clip(anomaly_map - np.median(anomaly_map), 0, None) ** 2
+        offsets.append(((weight * rows).sum() / weight.sum() - (r + 1.5),
+                        (weight * cols).sum() / weight.sum() - (c + 1.5)))
+    assert np.all(np.abs(np.mean(offsets, 0)) < 1.5), np.mean(offsets, 0)

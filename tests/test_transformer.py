@@ -81,3 +81,34 @@ def test_pipeline_clone_and_pickle(images):
     features = clone(BackboneFeatures(image_size=64, batch_size=2)).fit(images)
     restored = pickle.loads(pickle.dumps(features))
     np.testing.assert_array_equal(restored.transform(images), features.transform(images))
+
+
+@pytest.mark.parametrize("size", [128, 160])
+def test_resnet_cells_sit_at_stride_multiples(size):
+    # "corner" alignment: a ResNet cell (i, j) of stride s looks at input pixel
+    # (s i, s j). The centroid of its input gradient (random weights, a noisy
+    # grey input, a random projection of the channels) says so within 1.5 px;
+    # the even layout would put it 3.5 (layer2) or 7.5 (layer3) px further on.
+    from skpatchad.features.backbone import make_backbone
+    from skpatchad.features.maps import cell_centres
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        backbone = make_backbone("resnet18", weights=None)
+    assert backbone.cell_alignment == "corner"
+    assert make_backbone("efficientnet_lite0").cell_alignment == "even"
+    generator = torch.Generator().manual_seed(0)
+    x = (0.5 + 0.1 * torch.randn(1, 3, size, size, generator=generator)).requires_grad_(True)
+    positions = torch.arange(size, dtype=torch.float64)
+    for level, features in enumerate(backbone(x)):
+        n = features.shape[-1]
+        i = n // 2
+        projection = torch.randn(features.shape[1], generator=generator)
+        gradient, = torch.autograd.grad((features[0, :, i, i] * projection).sum(), x, retain_graph=True)
+        weight = gradient.abs().sum((0, 1)).double()
+        centroid = [float((weight.sum(1 - axis) * positions).sum() / weight.sum()) for axis in (0, 1)]
+        corner = float(cell_centres(n, size, "corner")[i])
+        even = float(cell_centres(n, size, "even")[i])
+        assert corner == (8, 16)[level] * i
+        for value in centroid:
+            assert abs(value - corner) < 1.5 and abs(value - even) > 2.0, (level, centroid, corner, even)

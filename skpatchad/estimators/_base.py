@@ -166,11 +166,15 @@ class BaseAnomalyDetector(TorchImageEstimatorMixin, OutlierMixin, BaseEstimator)
             if want_maps:
                 if isinstance(maps, np.ndarray):
                     grid_to_maps(grids, self._geometry(), sizes[start:stop], self._map_sigma(),
-                                 out=maps[start:stop])
+                                 out=maps[start:stop], alignment=self._cell_alignment())
                 else:
                     maps[start:stop] = grid_to_maps(grids, self._geometry(), sizes[start:stop],
-                                                    self._map_sigma())
+                                                    self._map_sigma(), alignment=self._cell_alignment())
         return scores, maps
+
+    def _cell_alignment(self):
+        """Where the cells of the score grids sit on the network input (see ``maps.cell_centres``)."""
+        return "even"
 
     def _map_sigma(self):
         sigma = getattr(self, "sigma", 0.0)

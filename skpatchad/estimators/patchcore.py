@@ -191,7 +191,11 @@ class PatchCore(BaseAnomalyDetector):
         log = log if log_progress and self.verbose else None
         for start, maps in extract_feature_maps(self.backbone_, images, self.geometry_, self.batch_size, device, log):
             with torch.inference_mode():
-                yield start, self.embedder_(maps)
+                yield start, self.embedder_(maps, self._cell_alignment(), self.geometry_.input_size)
+
+    def _cell_alignment(self):
+        # models pickled before backbones recorded it were fitted with "even"
+        return getattr(self.backbone_, "cell_alignment", "even")
 
     # -------------------------------------------------------------------- fit
     def _fit_images(self, images):

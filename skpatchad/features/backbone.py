@@ -172,6 +172,8 @@ class FeatureBackbone(nn.Module):
                 )
         self.model = model.eval()
         self.layers = layers
+        # where the cells of its feature maps sit on the input (see maps.cell_centres)
+        self.cell_alignment = "corner" if type(model).__name__ == "ResNet" else "even"
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         for parameter in self.model.parameters():

@@ -36,8 +36,79 @@ def gaussian_blur(maps, sigma):
     return F.conv2d(out, kernel.view(1, 1, -1, 1))
 
 
+# Where a backbone's feature cells sit on its input. "even": the cells tile the
+# input evenly, cell j centred at s (j + 1/2) - 1/2 with s = length / n_cells,
+# which is what bilinear resizing with align_corners=False (and the official
+# PatchCore code) assumes; the gradient centroids of EfficientNet-Lite0's
+# cells (TF "SAME" padding, trained weights) lie within about a pixel of it.
+# "corner": cell j centred at s j for the integer stride s, the arithmetic of
+# k // 2 padding throughout (torchvision's ResNets: a 7x7/2 stem padded by 3,
+# 3x3/2 pooling padded by 1, stride-2 3x3 convolutions padded by 1, 1x1
+# shortcuts). Treated as "even", a ResNet's layer2 map would sit 3.5 input
+# pixels down and right of its cells and layer3 would be read 4 pixels off.
+CELL_ALIGNMENTS = ("even", "corner")
+
+
+def cell_centres(n_cells, length, alignment="even"):
+    """Input-pixel coordinates (pixel centres at 0, 1, ...) of a feature grid's cell centres on one axis."""
+    cells = torch.arange(n_cells, dtype=torch.float64)
+    if alignment == "even":
+        stride = length / n_cells
+        return stride * (cells + 0.5) - 0.5
+    if alignment == "corner":
+        # the smallest power-of-two stride that gives this many cells (ceil(length / stride))
+        stride = next((2 ** e for e in range(12) if -(-length // 2 ** e) == n_cells), length / n_cells)
+        return stride * cells
+    raise ValueError("cell alignment must be one of %s, got %r" % (CELL_ALIGNMENTS, alignment))
+
+
+def interpolation_matrix(source, target):
+    """``(len(target), len(source))`` linear interpolation between increasing 1-D positions.
+
+    Targets beyond the first or last source position take that position's
+    value (border extension, as bilinear resizing does).
+    """
+    source, target = torch.as_tensor(source, dtype=torch.float64), torch.as_tensor(target, dtype=torch.float64)
+    n = len(source)
+    matrix = torch.zeros(len(target), n, dtype=torch.float64)
+    rows = torch.arange(len(target))
+    if n == 1:
+        matrix[:, 0] = 1.0
+        return matrix
+    clamped = target.clamp(source[0], source[-1])
+    low = (torch.searchsorted(source, clamped, right=True) - 1).clamp(0, n - 2)
+    frac = (clamped - source[low]) / (source[low + 1] - source[low])
+    matrix[rows, low] = 1.0 - frac
+    matrix[rows, low + 1] += frac
+    return matrix
+
+
+def align_levels(feature_maps, alignment="even", input_size=None):
+    """Resample multi-level feature maps ``(B, C, h, w)`` onto the finest grid among them.
+
+    Each level is read at the positions of the finest level's cells, given
+    where the backbone's cells sit on its ``input_size`` (H, W) input
+    (``alignment``, see ``cell_centres``). "even" is bilinear resizing with
+    align_corners=False and needs no input size.
+    """
+    grid = finest_grid(feature_maps)
+    aligned = []
+    for features in feature_maps:
+        shape = tuple(features.shape[-2:])
+        if shape == grid:
+            aligned.append(features)
+        elif alignment == "even":
+            aligned.append(F.interpolate(features, size=grid, mode="bilinear", align_corners=False))
+        else:
+            rows, cols = (interpolation_matrix(cell_centres(shape[axis], input_size[axis], alignment),
+                                               cell_centres(grid[axis], input_size[axis], alignment))
+                          .to(device=features.device, dtype=features.dtype) for axis in (0, 1))
+            aligned.append(torch.einsum("bchw,Hh,Ww->bcHW", features, rows, cols))
+    return aligned
+
+
 @functools.lru_cache(maxsize=64)
-def _axis_operator(n_cells, input_len, resize_len, crop_start, output_len, sigma):
+def _axis_operator(n_cells, input_len, resize_len, crop_start, output_len, sigma, alignment="even"):
     """The map path along one axis as an ``(output_len, n_cells)`` float32 matrix.
 
     Every step of the path (bilinear upsampling, the reflect-padded Gaussian,
@@ -45,8 +116,11 @@ def _axis_operator(n_cells, input_len, resize_len, crop_start, output_len, sigma
     and separable, so a whole map is ``A_h @ grid @ A_w.T``. The matrix is
     built by sending the identity through the same steps, in float64.
     """
-    signal = torch.eye(n_cells, dtype=torch.float64).unsqueeze(1)  # (n_cells, 1, n_cells)
-    signal = F.interpolate(signal, size=input_len, mode="linear", align_corners=False)
+    if alignment == "even":
+        signal = torch.eye(n_cells, dtype=torch.float64).unsqueeze(1)  # (n_cells, 1, n_cells)
+        signal = F.interpolate(signal, size=input_len, mode="linear", align_corners=False)
+    else:
+        signal = _upsampling_matrix(n_cells, input_len, alignment).T.unsqueeze(1)  # (n_cells, 1, input_len)
     if sigma is not None and sigma > 0:
         kernel, radius = _gaussian_kernel(sigma, signal.dtype, signal.device)
         signal = F.pad(signal, (radius, radius), mode="reflect" if radius < input_len else "replicate")
@@ -64,10 +138,19 @@ def _axis_operator(n_cells, input_len, resize_len, crop_start, output_len, sigma
 _MAX_OPERATOR_CELLS = 96 * 96
 
 
-def _stepwise(grids, geometry, size, sigma):
+def _upsampling_matrix(n_cells, input_len, alignment):
+    """``(input_len, n_cells)``: cell scores to input pixels, by linear interpolation."""
+    return interpolation_matrix(cell_centres(n_cells, input_len, alignment), torch.arange(input_len))
+
+
+def _stepwise(grids, geometry, size, sigma, alignment="even"):
     """The map path one full-size step at a time: (B, h, w) -> (B, H, W)."""
     maps = grids.unsqueeze(1)
-    if tuple(maps.shape[-2:]) != geometry.input_size:
+    if tuple(maps.shape[-2:]) != geometry.input_size and alignment != "even":
+        rows, cols = (_upsampling_matrix(n, length, alignment).to(grids.device)
+                      for n, length in zip(grids.shape[-2:], geometry.input_size))
+        maps = torch.einsum("bhw,Hh,Ww->bHW", grids.double(), rows, cols).to(grids.dtype).unsqueeze(1)
+    elif tuple(maps.shape[-2:]) != geometry.input_size:
         maps = F.interpolate(maps, size=geometry.input_size, mode="bilinear", align_corners=False)
     maps = gaussian_blur(maps, sigma)
     if geometry.crop is not None:
@@ -79,7 +162,7 @@ def _stepwise(grids, geometry, size, sigma):
     return maps[:, 0]
 
 
-def grid_to_maps(grids, geometry, output_sizes, sigma=4.0, out=None):
+def grid_to_maps(grids, geometry, output_sizes, sigma=4.0, out=None, alignment="even"):
     """Convert patch-score grids to anomaly maps at each image's own resolution.
 
     The grid is upsampled bilinearly to the network input, smoothed with a
@@ -101,6 +184,8 @@ def grid_to_maps(grids, geometry, output_sizes, sigma=4.0, out=None):
         Gaussian sigma in network-input pixels (PatchCore: 4).
     out : ndarray of shape (B, H, W), float32, optional
         Written in place when all output sizes are (H, W).
+    alignment : {"even", "corner"}
+        Where the grid's cells sit on the network input (see ``cell_centres``).
 
     Returns
     -------
@@ -122,12 +207,12 @@ def grid_to_maps(grids, geometry, output_sizes, sigma=4.0, out=None):
         if out is not None and len(by_size) == 1 and grids.device.type == "cpu":
             target = torch.from_numpy(out)
         if grid_h * grid_w > _MAX_OPERATOR_CELLS:
-            maps = _stepwise(selected, geometry, (height, width), sigma)
+            maps = _stepwise(selected, geometry, (height, width), sigma, alignment)
             if target is not None:
                 target.copy_(maps)
         else:
-            rows = _axis_operator(grid_h, input_h, resize_h, top, height, sigma).to(grids.device)
-            cols = _axis_operator(grid_w, input_w, resize_w, left, width, sigma).to(grids.device)
+            rows = _axis_operator(grid_h, input_h, resize_h, top, height, sigma, alignment).to(grids.device)
+            cols = _axis_operator(grid_w, input_w, resize_w, left, width, sigma, alignment).to(grids.device)
             maps = torch.matmul(torch.matmul(rows, selected), cols.T, out=target)
         maps = maps.cpu().numpy() if target is None else out
         if out is not None and target is None and len(by_size) == 1:

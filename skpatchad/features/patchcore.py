@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .coreset import projection_matrix
-from .maps import finest_grid
+from .maps import align_levels
 
 # Keep every full training embedding when that costs at most this many bytes,
 # or when the coreset projection would not even halve it: one backbone pass
@@ -39,7 +39,8 @@ class LocallyAwarePatchEmbedding(nn.Module):
 
     Each level is averaged over a ``patch_size`` neighbourhood (the paper's
     locally aware patch aggregation), coarser levels are bilinearly upsampled
-    to the finest grid among them (whatever order the layers come in), each level is projected to
+    to the finest grid among them (whatever order the layers come in; read at
+    the input positions of its cells), each level is projected to
     ``embedding_dim // n_levels`` channels by adaptive average pooling (levels
     already smaller are kept), and the levels are concatenated.
 
@@ -56,16 +57,16 @@ class LocallyAwarePatchEmbedding(nn.Module):
         self.patch_size = int(patch_size)
         self.embedding_dim = int(embedding_dim)
 
-    def forward(self, feature_maps):
-        """Return embeddings of shape (B, h, w, D') on the finest map's grid."""
-        grid = finest_grid(feature_maps)
+    def forward(self, feature_maps, alignment="even", input_size=None):
+        """Return embeddings of shape (B, h, w, D') on the finest map's grid.
+
+        ``alignment`` and ``input_size`` say where the backbone's cells sit on
+        its input (see :func:`~skpatchad.features.maps.align_levels`).
+        """
         per_level = max(1, self.embedding_dim // len(feature_maps))
-        levels = []
-        for features in feature_maps:
-            features = local_average(features.float(), self.patch_size)
-            if tuple(features.shape[-2:]) != grid:
-                features = F.interpolate(features, size=grid, mode="bilinear", align_corners=False)
-            levels.append(project_channels(features, per_level))
+        averaged = [local_average(features.float(), self.patch_size) for features in feature_maps]
+        levels = [project_channels(features, per_level)
+                  for features in align_levels(averaged, alignment, input_size)]
         return torch.cat(levels, dim=1).permute(0, 2, 3, 1).contiguous()
 
 

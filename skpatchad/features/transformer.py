@@ -2,7 +2,6 @@
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
@@ -11,7 +10,7 @@ from ..utils import check_images
 from ..utils._params import check_int_param
 from ._device import TorchImageEstimatorMixin, resolve_device, runtime_device, seeded_cpu_rng
 from .backbone import extract_feature_maps, make_backbone
-from .maps import finest_grid
+from .maps import align_levels
 from .preprocessing import ImageGeometry
 
 
@@ -87,8 +86,7 @@ class BackboneFeatures(TorchImageEstimatorMixin, TransformerMixin, BaseEstimator
         self.backbone_.to(device)
         chunks = []
         for _, maps in extract_feature_maps(self.backbone_, images, self.geometry_, self.batch_size, device):
-            grid = finest_grid(maps)
-            levels = [m if tuple(m.shape[-2:]) == grid else
-                      F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps]
+            levels = align_levels(maps, getattr(self.backbone_, "cell_alignment", "even"),
+                                  self.geometry_.input_size)
             chunks.append(torch.cat(levels, 1).permute(0, 2, 3, 1).float().cpu().numpy())
         return np.concatenate(chunks)
