@@ -204,6 +204,7 @@ def test_grid_search_over_lambda_and_dimension(sample):
     ({"schedule": "gpu"}, "schedule"), ({"width": 0}, "width"), ({"epochs": -1}, "epochs"),
     ({"image_size": 160, "stride_big": 64}, "at most the patch size"),
     ({"image_size": 160, "stride_small": 24}, "at most the patch size"),
+    ({"subtract_mean": "no"}, "subtract_mean must be True or False"),
 ])
 def test_invalid_parameters(sample, params, message):
     with pytest.raises(ValueError, match=message):

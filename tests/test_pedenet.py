@@ -288,6 +288,7 @@ def test_grid_search_over_components_and_lambda(sample):
     ({"stride": 8}, "divisible"), ({"epochs": -1}, "epochs"), ({"learning_rate": 0}, "learning_rate"),
     ({"image_size": 64}, "image_size"), ({"batch_size": 0}, "batch_size"), ({"contamination": 0.7}, "contamination"),
     ({"image_size": 124, "stride": 44}, "at most patch_size"),
+    ({"subtract_mean": "no"}, "subtract_mean must be True or False"),
 ])
 def test_invalid_parameters(sample, params, message):
     with pytest.raises(ValueError, match=message):

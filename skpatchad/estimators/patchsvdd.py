@@ -12,7 +12,7 @@ from ..features._device import seeded_cpu_rng
 from ..features.knn import NearestNeighbors, check_knn_method
 from ..features.patch_encoders import (HierarchicalPatchEncoder, PositionClassifier, SmallPatchEncoder,
                                        min_pair_image_size, neighbour_pair_corners, pair_corners)
-from ..utils._params import check_int_choice, check_int_param, check_real_param
+from ..utils._params import check_bool_param, check_int_choice, check_int_param, check_real_param
 from ._base import PatchEmbeddingDetector
 
 _ENCODERS = ("trained", "random", "raw")
@@ -162,6 +162,7 @@ class PatchSVDD(PatchEmbeddingDetector):
 
     # ------------------------------------------------------------------ utils
     def _check_params(self):
+        check_bool_param("subtract_mean", self.subtract_mean)
         if self.encoder not in _ENCODERS:
             raise ValueError("encoder must be one of %s, got %r" % (_ENCODERS, self.encoder))
         check_int_choice("patch_size", self.patch_size, (32, 64))

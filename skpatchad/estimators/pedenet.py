@@ -30,7 +30,7 @@ from ..features.knn import NearestNeighbors, check_knn_method
 from ..features.maps import covering_mean
 from ..features.patch_encoders import (HierarchicalPatchEncoder, PEDENetSmallEncoder, PositionClassifier,
                                        min_pair_image_size, neighbour_pair_corners)
-from ..utils._params import check_int_choice, check_int_param, check_real_param
+from ..utils._params import check_bool_param, check_int_choice, check_int_param, check_real_param
 from ._base import PatchEmbeddingDetector
 
 _SCORES = ("nn", "energy")
@@ -283,6 +283,7 @@ class PEDENet(PatchEmbeddingDetector):
 
     # ------------------------------------------------------------------ utils
     def _check_params(self):
+        check_bool_param("subtract_mean", self.subtract_mean)
         check_knn_method(self.knn)
         if self.score not in _SCORES:
             raise ValueError("score must be one of %s, got %r" % (_SCORES, self.score))

@@ -41,3 +41,12 @@ def check_real_param(name, value, low, high=None, low_inclusive=True, allow_none
         interval = "%s%g, %s" % ("[" if low_inclusive else "(", low, "inf)" if high is None else "%g]" % high)
         raise ValueError("%s must be a number in %s%s, got %r"
                          % (name, interval, " or None" if allow_none else "", value))
+
+
+def check_bool_param(name, value):
+    """Raise a ValueError naming ``name`` unless ``value`` is a boolean (Python or numpy).
+
+    A string such as ``"no"`` or ``"False"`` is truthy and would silently mean True.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError("%s must be True or False, got %r" % (name, value))
