@@ -191,7 +191,11 @@ class PatchCore(BaseAnomalyDetector):
         log = log if log_progress and self.verbose else None
         for start, maps in extract_feature_maps(self.backbone_, images, self.geometry_, self.batch_size, device, log):
             with torch.inference_mode():
-                yield start, self.embedder_(maps, self._cell_alignment(), self.geometry_.input_size)
+                # The deeper stage is resized onto the finer one as the official code
+                # does (evenly tiled), whatever the backbone: the features, and so the
+                # memory bank and the image scores, stay the paper's. Only the map path
+                # places the score cells where they sit (``_cell_alignment``).
+                yield start, self.embedder_(maps)
 
     def _cell_alignment(self):
         # models pickled before backbones recorded it were fitted with "even"

@@ -18,7 +18,9 @@ class BackboneFeatures(TorchImageEstimatorMixin, TransformerMixin, BaseEstimator
     """Intermediate feature maps of a pretrained CNN, as a scikit-learn transformer.
 
     ``transform`` returns one array ``(N, h, w, C)``: the requested layers,
-    coarser ones bilinearly upsampled to the finest grid among them,
+    coarser ones bilinearly interpolated at the input positions of the finest
+    grid's cells (for torchvision ResNets, which centre cell j at stride * j,
+    that differs from plain resizing; see ``maps.cell_centres``),
     concatenated along channels in the order of ``layers``. Images of any size are resized to ``image_size`` first.
 
     Parameters
