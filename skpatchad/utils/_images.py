@@ -221,6 +221,9 @@ def check_images(X, *, min_size=16, estimator_name="this estimator"):
         raise TypeError(
             "X must be a collection of images, got a single path %r; wrap it in a list" % (X,)
         )
+    if hasattr(X, "tocsr") or type(X).__module__.startswith("scipy.sparse"):
+        raise TypeError("X is a sparse matrix; images must be dense arrays, a list of arrays or file paths")
+    # after the sparse check: scipy's dok format is a dict
     if isinstance(X, (collections.abc.Set, collections.abc.Mapping)):
         # one score and one map per image, in input order: an unordered
         # collection would pair them with the wrong images without any error
@@ -228,8 +231,6 @@ def check_images(X, *, min_size=16, estimator_name="this estimator"):
             "X must be an ordered collection of images (array, list or tuple), got a %s; "
             "pass a list, e.g. sorted(X)" % type(X).__name__
         )
-    if hasattr(X, "tocsr") or type(X).__module__.startswith("scipy.sparse"):
-        raise TypeError("X is a sparse matrix; images must be dense arrays, a list of arrays or file paths")
     if isinstance(X, np.ndarray):
         if X.dtype == object or (X.dtype.kind == "U" and X.ndim == 1):
             items = list(X)  # images or paths of any sizes, e.g. np.array(list_of_paths)
