@@ -146,12 +146,13 @@ def _upsampling_matrix(n_cells, input_len, alignment):
 def _stepwise(grids, geometry, size, sigma, alignment="even"):
     """The map path one full-size step at a time: (B, h, w) -> (B, H, W)."""
     maps = grids.unsqueeze(1)
-    if tuple(maps.shape[-2:]) != geometry.input_size and alignment != "even":
-        rows, cols = (_upsampling_matrix(n, length, alignment).to(grids.device)
-                      for n, length in zip(grids.shape[-2:], geometry.input_size))
-        maps = torch.einsum("bhw,Hh,Ww->bHW", grids.double(), rows, cols).to(grids.dtype).unsqueeze(1)
-    elif tuple(maps.shape[-2:]) != geometry.input_size:
-        maps = F.interpolate(maps, size=geometry.input_size, mode="bilinear", align_corners=False)
+    if tuple(maps.shape[-2:]) != geometry.input_size:
+        if alignment == "even":
+            maps = F.interpolate(maps, size=geometry.input_size, mode="bilinear", align_corners=False)
+        else:
+            rows, cols = (_upsampling_matrix(n, length, alignment).to(grids.device)
+                          for n, length in zip(grids.shape[-2:], geometry.input_size))
+            maps = torch.einsum("bhw,Hh,Ww->bHW", grids.double(), rows, cols).to(grids.dtype).unsqueeze(1)
     maps = gaussian_blur(maps, sigma)
     if geometry.crop is not None:
         top, left, height, width = geometry.crop

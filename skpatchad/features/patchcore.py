@@ -39,8 +39,8 @@ class LocallyAwarePatchEmbedding(nn.Module):
 
     Each level is averaged over a ``patch_size`` neighbourhood (the paper's
     locally aware patch aggregation), coarser levels are bilinearly upsampled
-    to the finest grid among them (whatever order the layers come in; read at
-    the input positions of its cells), each level is projected to
+    to the finest grid among them (whatever order the layers come in; evenly
+    tiled resizing, as in the official code), each level is projected to
     ``embedding_dim // n_levels`` channels by adaptive average pooling (levels
     already smaller are kept), and the levels are concatenated.
 
@@ -57,16 +57,11 @@ class LocallyAwarePatchEmbedding(nn.Module):
         self.patch_size = int(patch_size)
         self.embedding_dim = int(embedding_dim)
 
-    def forward(self, feature_maps, alignment="even", input_size=None):
-        """Return embeddings of shape (B, h, w, D') on the finest map's grid.
-
-        ``alignment`` and ``input_size`` say where the backbone's cells sit on
-        its input (see :func:`~skpatchad.features.maps.align_levels`).
-        """
+    def forward(self, feature_maps):
+        """Return embeddings of shape (B, h, w, D') on the finest map's grid."""
         per_level = max(1, self.embedding_dim // len(feature_maps))
         averaged = [local_average(features.float(), self.patch_size) for features in feature_maps]
-        levels = [project_channels(features, per_level)
-                  for features in align_levels(averaged, alignment, input_size)]
+        levels = [project_channels(features, per_level) for features in align_levels(averaged)]
         return torch.cat(levels, dim=1).permute(0, 2, 3, 1).contiguous()
 
 
